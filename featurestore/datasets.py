@@ -583,10 +583,11 @@ def _fashion_mnist_root(root: str | os.PathLike | None) -> Path:
 
 def _open_fashion_mnist(root: str | os.PathLike | None, split: str, limit_per_class: int | None,
                         transform: Callable | None) -> ArrayImageDataset:
-    root_path = _fashion_mnist_root(root)
+    # The split name is checked first: a wrong name is wrong whether or not the files are installed.
     if split not in _FASHION_MNIST_PREFIX:
         raise DatasetError(f"fashion-mnist has splits train and val (val is the official t10k test set), "
                            f"not {split!r}")
+    root_path = _fashion_mnist_root(root)
     files = _fashion_mnist_files(root_path, split)
     if files is None:
         prefix = _FASHION_MNIST_PREFIX[split]
