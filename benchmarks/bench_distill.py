@@ -47,9 +47,9 @@ def make_imagefolder(root: Path, num_classes: int, per_class: dict[str, int]) ->
     """Procedural class-conditional images (the `synthetic` generator) written as PNG files."""
     from PIL import Image
 
-    from featurestore.datasets import SyntheticConfig, render_synthetic
+    from featurestore.datasets.gratings import GratingsConfig, render_grating
 
-    cfg = SyntheticConfig(num_classes=num_classes)
+    cfg = GratingsConfig(num_classes=num_classes)
     for split, n in per_class.items():
         for c in range(num_classes):
             d = root / split / f"class{c:03d}"
@@ -57,7 +57,7 @@ def make_imagefolder(root: Path, num_classes: int, per_class: dict[str, int]) ->
             for i in range(n):
                 path = d / f"{i:04d}.png"
                 if not path.exists():
-                    Image.fromarray(render_synthetic(c, split, c * 10_000 + i, cfg)).save(path)
+                    Image.fromarray(render_grating(c, split, c * 10_000 + i, cfg)).save(path)
 
 
 def _proc_status_mb(field: str) -> float:

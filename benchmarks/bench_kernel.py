@@ -1,7 +1,7 @@
 """Benchmark: the fused linear cross-entropy gradient vs the naive torch expressions.
 
 Methods (all give (grad_weight [C, D], grad_bias [C]) of the mean CE of a linear head):
-  fused     engine.kernels.linear_ce_grad (row-chunked; Triton row kernels on CUDA)
+  fused     engine.kernels.linear_ce_grad (row-blocked; Triton row kernels on CUDA)
   naive     softmax over the full N x C logits, minus one-hot, then one matmul
   autograd  F.cross_entropy + torch.autograd.grad w.r.t. (W, b): what the authors' code does
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from cli.common import user_errors
+from cli.options import command, config_params
+from engine.baselines import BASELINE_KINDS, BaselineConfig
+from engine.evaluate import EvalConfig
 from featurestore.errors import UserError
 
 
@@ -29,31 +32,27 @@ def _unique_names(dirs: list[Path], names: list[str]) -> list[str]:
     return names
 
 
-@user_errors
-def eval_command(
-    store: str = typer.Option(..., "--store", help="Feature store (its val split is the test set)."),
-    images: Optional[List[Path]] = typer.Option(
-        None, "--images", help="ImageFolder dir (or a distill/baseline output dir); repeat for several sets."),
-    name: Optional[List[str]] = typer.Option(None, "--name", help="Row name per --images (default: dir name)."),
-    backbone: List[str] = typer.Option(..., "--backbone", help="Evaluation backbone; repeat for several."),
-    seeds: int = typer.Option(5, "--seeds", help="Probe runs per cell (seeds 0..N-1)."),
-    epochs: int = typer.Option(1000, "--epochs", help="Probe epochs on an image set."),
-    views: Optional[int] = typer.Option(None, "--views", help="Cached augmented views per image and seed "
-                                                                  "(default min(epochs, 100))."),
-    full: bool = typer.Option(False, "--full", help="Add the full-data probe on the stored train features."),
-    full_epochs: int = typer.Option(100, "--full-epochs", help="Epochs of the full-data probe."),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="Where eval.json / eval.md go (default: <set dir's parent>/eval for one set, else ./eval)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-) -> None:
-    """Linear-probe evaluation of image sets on frozen backbones, tested on the store's val features."""
+def _param(name: str, annotation, info) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+
+
+_EVAL_ONLY = [
+    _param("store", str, typer.Option(..., "--store", help="Feature store (its val split is the test set).")),
+    _param("images", Optional[List[Path]], typer.Option(
+        None, "--images", help="ImageFolder dir (or a distill/baseline output dir); repeat for several sets.")),
+    _param("name", Optional[List[str]], typer.Option(None, "--name", help="Row name per --images (default: dir name).")),
+    _param("backbone", List[str], typer.Option(..., "--backbone", help="Evaluation backbone; repeat for several.")),
+    _param("out", Optional[Path], typer.Option(None, "--out", help="Where eval.json / eval.md go (default: <set dir's "
+                                                                   "parent>/eval for one set, else ./eval).")),
+]
+
+
+def _eval(store: str, images, name, backbone, out, **options) -> None:
     from engine.evaluate import default_out_dir, evaluate, write_eval_outputs
 
     dirs = list(images or [])
     names = _unique_names(dirs, list(name or []))
-    result = evaluate(store, dict(zip(names, dirs)), backbone, seeds=seeds, epochs=epochs, views=views,
-                      full=full, full_epochs=full_epochs, device=device, quiet=quiet)
+    result = evaluate(store, dict(zip(names, dirs)), backbone, **options)
     out_dir = out if out is not None else default_out_dir(dirs)
     json_path, md_path = write_eval_outputs(result, out_dir)
     header, rows = result.table("top1")
@@ -65,22 +64,25 @@ def eval_command(
     typer.echo(f"wrote {json_path} and {md_path}")
 
 
-@user_errors
-def baseline_command(
-    store: str = typer.Option(..., "--store", help="Feature store (its train split supplies the images)."),
-    backbone: str = typer.Option(..., "--backbone", help="Backbone whose stored embeddings rank the images."),
-    kind: str = typer.Option(..., "--kind", help="random | centroid | neighbors"),
-    out: Path = typer.Option(..., "--out", help="New output dir: images/<class>/<k>.png + baseline.json."),
-    ipc: int = typer.Option(1, "--ipc", help="Images per class (random, centroid)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Set whose nearest real images to pick "
-                                                                 "(neighbors)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ... (neighbors embeds --images)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-) -> None:
-    """Real-image baselines in ImageFolder layout: random, centroid (faiss L2), neighbors (faiss cosine)."""
+eval_command = command(_eval, _EVAL_ONLY + config_params(EvalConfig),
+                       doc="Linear-probe evaluation of image sets on frozen backbones, tested on the store's "
+                           "val features.")
+
+_BASELINE_ONLY = [
+    _param("store", str, typer.Option(..., "--store", help="Feature store (its train split supplies the images).")),
+    _param("backbone", str, typer.Option(..., "--backbone", help="Backbone whose stored embeddings rank the images.")),
+    _param("kind", str, typer.Option(..., "--kind", help=" | ".join(BASELINE_KINDS))),
+    _param("out", Path, typer.Option(..., "--out", help="New output dir: images/<class>/<k>.png + baseline.json.")),
+]
+
+
+def _baseline(store: str, backbone: str, kind: str, out: Path, **options) -> None:
     from engine.baselines import make_baseline
 
-    record = make_baseline(store, backbone, kind, out, ipc=ipc, seed=seed, images=images, device=device,
-                           quiet=quiet)
+    record = make_baseline(store, backbone, kind, out, **options)
     typer.echo(f"wrote {record['num_images']} {kind} images to {out / 'images'} and {out / 'baseline.json'}")
+
+
+baseline_command = command(_baseline, _BASELINE_ONLY + config_params(BaselineConfig),
+                           doc="Real-image baselines in ImageFolder layout: random, centroid (faiss L2), "
+                               "neighbors (faiss cosine).")

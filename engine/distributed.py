@@ -1,10 +1,9 @@
-"""The engine's tensor collectives on the default process group (identity / no-op in a single process).
+"""The engine's tensor collectives on the default process group (identities in a single process).
 
-Launch-environment parsing (torchrun and Slurm srun), process-group init and teardown, rank queries,
-barrier and object broadcast are generic and live in `featurestore.distributed` (the lower layer):
-`engine.distill` joins the group with `init_process_group_from_env` and leaves it with `destroy`. This
-module adds only what the distillation loop needs to split the augmented copies of a step across ranks:
-gather their features, sum their gradients and agree on a stop.
+Launch-environment parsing, process groups and the generic collectives live in
+`featurestore.distributed` (the lower layer). This module adds what a distillation step needs to split
+the augmented copies across ranks: gather their features, and sum their gradients while agreeing on a
+stop.
 """
 
 from __future__ import annotations
@@ -15,36 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from featurestore.distributed import collective_device, destroy, init_process_group_from_env, is_distributed
-
-# The engine's former names for the generic helpers, kept so existing callers (tests/test_distributed_distill.py)
-# keep working; new code uses the featurestore names.
-init_from_env = init_process_group_from_env
-shutdown = destroy
-
-
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """In-place sum over ranks (returns `tensor`)."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on at least one (a collective: every rank must call it)."""
-    if not is_distributed():
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def contiguous_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of rank `rank`'s contiguous share of `total` items (sizes differ by at most one;
-    earlier ranks get the extra ones). Never strided."""
-    base, extra = divmod(total, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+from featurestore.distributed import is_distributed
 
 
 def all_gather_rows(local: Tensor, counts: Sequence[int]) -> Tensor:
@@ -64,4 +34,19 @@ def all_gather_rows(local: Tensor, counts: Sequence[int]) -> Tensor:
     return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
 
 
-__all__ = ["all_reduce_sum_", "any_rank", "contiguous_range", "all_gather_rows", "init_from_env", "shutdown"]
+def reduce_step(params: list[Tensor], stop: bool, nonfinite: bool) -> tuple[bool, bool]:
+    """End of a step (collective under torchrun): combine the ranks' stop / non-finite flags; unless some
+    rank asks to stop or saw a non-finite loss, sum the parameter gradients over ranks in place.
+    Returns (any stop, any non-finite); in a single process, the flags as given."""
+    if not is_distributed():
+        return stop, nonfinite
+    flags = torch.tensor([float(stop), float(nonfinite)], device=params[0].device)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    any_stop, any_nonfinite = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+    if any_stop or any_nonfinite:
+        return any_stop, any_nonfinite
+    for p in params:
+        if p.grad is None:  # this rank had no copies this step
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    return False, False

@@ -28,197 +28,30 @@ lr = 1e-3), as the authors' full-dataset row.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from engine.probe import MAX_BATCH, ProbeRecipe, probes_accuracy, train_probes
 from featurestore.augment import AugmentConfig, AugmentParams, apply_params, center_crop, resize, sample_params
-from featurestore.backbones import Backbone, create_backbone
-from featurestore.errors import StoreError, UserError
+from featurestore.backbones import Backbone
+from featurestore.errors import UserError
+from featurestore.options import option
 from featurestore.runtime import atomic_write_bytes, atomic_write_json, pick_device
+from featurestore.store import open_store
 
 # Evaluation augmentation: the authors' flip + random resized crop, without the pixel noise that the
 # distillation augmentation adds.
 EVAL_AUGMENT = AugmentConfig(noise_p=0.0)
 DEFAULT_VIEWS = 100
-BASE_LR = 1e-3  # at batch size 256 (lr = BASE_LR * bs / 256)
-MAX_BATCH = 100  # image-set probes: bs = min(100, N)
 FULL_BATCH = 256  # full-data probe
 FULL_ROW = "full"
 _EMBED_BATCH = 128
-
-
-# ----------------------------------------------------------------------------------------------------
-# The probe on features
-
-
-@dataclass(frozen=True)
-class ProbeRecipe:
-    """Linear-probe optimizer settings (defaults: the authors' recipe for a distilled set)."""
-
-    epochs: int = 1000
-    batch_size: int | None = None  # None -> min(MAX_BATCH, N)
-    base_lr: float = BASE_LR  # lr = base_lr * batch_size / 256
-
-    def resolved(self, n: int) -> tuple[int, float]:
-        bs = min(MAX_BATCH, n) if self.batch_size is None else min(self.batch_size, n)
-        return bs, self.base_lr * bs / 256
-
-
-@dataclass
-class LinearProbes:
-    """S linear heads trained side by side: weight [S, C, D], bias [S, C]."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """[N, D] -> [S, N, C]."""
-        return torch.einsum("nd,scd->snc", features, self.weight) + self.bias[:, None, :]
-
-    def head(self, s: int = 0) -> torch.nn.Linear:
-        lin = torch.nn.Linear(self.weight.shape[2], self.weight.shape[1]).to(self.weight.device)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight[s])
-            lin.bias.copy_(self.bias[s])
-        return lin
-
-
-# Below this many multiply-adds per step (S x B x D x C), CPU probe steps run single-threaded: each step
-# is a handful of tiny ops, and OpenMP fork/join per op costs more than it saves (measured 4-6x slower
-# with 2 threads for 5 seeds x bs 10 x D 1280, and for 5 seeds x bs 256 x D 1280 on a 2-core machine).
-_SINGLE_THREAD_MACS = 50_000_000
-
-
-@contextlib.contextmanager
-def _cpu_threads(n_threads: int | None):
-    if n_threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def train_probes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, recipe: ProbeRecipe,
-                 generators: Sequence[torch.Generator], progress: tqdm | None = None,
-                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> LinearProbes:
-    """Train one fresh linear head per generator (seed), all at once, on shared labels [N].
-
-    `features`: [N, D] (same for every seed, e.g. stored features), [V, N, D] cached views shared by all
-    seeds, or [S, V, N, D] (views per seed). Per seed and epoch, the generator draws the head init
-    (once), a permutation of the samples and, with V > 1, one cached view per sample. Mean
-    cross-entropy; its gradient and Adam are written out (the exact torch.optim.Adam update, weight
-    decay 0) so S seeds x 1000 epochs cost a few batched matrix products per step instead of S Python
-    training loops; tests compare it with nn.Linear + torch.optim.Adam + autograd.
-    """
-    n_seeds = len(generators)
-    if features.ndim == 2:
-        features = features.unsqueeze(0)
-    if features.ndim == 3:
-        features = features.unsqueeze(0).expand(n_seeds, *features.shape)
-    if features.shape[0] != n_seeds:
-        raise ValueError(f"features carry {features.shape[0]} seeds, got {n_seeds} generators")
-    _, n_views, n, dim = features.shape
-    if n == 0:
-        raise ValueError("cannot train a probe on 0 samples")
-    device = features.device
-    labels = labels.to(device)
-    bound = 1.0 / math.sqrt(dim)  # PyTorch's default nn.Linear init, drawn from each seed's generator
-    weight = torch.empty(n_seeds, num_classes, dim)
-    bias = torch.empty(n_seeds, num_classes)
-    for s, gen in enumerate(generators):
-        weight[s].uniform_(-bound, bound, generator=gen)
-        bias[s].uniform_(-bound, bound, generator=gen)
-    weight, bias = weight.to(device), bias.to(device)
-    bs, lr = recipe.resolved(n)
-    small = device.type == "cpu" and n_seeds * bs * dim * num_classes < _SINGLE_THREAD_MACS
-    with _cpu_threads(1 if small else None):
-        _adam_loop(features, labels, weight, bias, recipe, generators, bs, lr, adam_betas, adam_eps, progress)
-    return LinearProbes(weight=weight, bias=bias)
-
-
-def _adam_loop(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               recipe: ProbeRecipe, generators: Sequence[torch.Generator], bs: int, lr: float,
-               adam_betas: tuple[float, float], adam_eps: float, progress: tqdm | None) -> None:
-    """Mini-batch Adam on (weight [S, C, D], bias [S, C]) in place; see `train_probes`."""
-    n_seeds, n_views, n, _ = features.shape
-    device = features.device
-    m_w, v_w = torch.zeros_like(weight), torch.zeros_like(weight)
-    m_b, v_b = torch.zeros_like(bias), torch.zeros_like(bias)
-    beta1, beta2 = adam_betas
-    total = recipe.epochs * math.ceil(n / bs)
-    seed_index = torch.arange(n_seeds, device=device)[:, None]
-    step = 0
-    for _ in range(recipe.epochs):
-        orders, views = [], []
-        for gen in generators:
-            orders.append(torch.randperm(n, generator=gen))
-            views.append(torch.randint(0, n_views, (n,), generator=gen) if n_views > 1
-                         else torch.zeros(n, dtype=torch.long))
-        order = torch.stack(orders).to(device)  # [S, N]
-        view = torch.stack(views).to(device)
-        for start in range(0, n, bs):
-            idx = order[:, start:start + bs]  # [S, B]
-            x = features[seed_index, view.gather(1, idx), idx]  # [S, B, D]
-            y = labels[idx]  # [S, B]
-            logits = torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))  # [S, B, C]
-            resid = torch.softmax(logits, dim=2)
-            resid.scatter_add_(2, y[..., None], torch.full_like(y[..., None], -1.0, dtype=resid.dtype))
-            resid /= x.shape[1]  # mean over the batch
-            grad_w = torch.bmm(resid.transpose(1, 2), x)
-            grad_b = resid.sum(1)
-            step += 1
-            lr_t = 0.5 * lr * (1.0 + math.cos(math.pi * (step - 1) / total))
-            corr1 = 1 - beta1 ** step
-            corr2_sqrt = math.sqrt(1 - beta2 ** step)
-            for p, g, m, v in ((weight, grad_w, m_w, v_w), (bias, grad_b, m_b, v_b)):
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                p.addcdiv_(m, v.sqrt().div_(corr2_sqrt).add_(adam_eps), value=-lr_t / corr1)
-        if progress is not None:
-            progress.update(1)
-
-
-def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, recipe: ProbeRecipe,
-                generator: torch.Generator, progress: tqdm | None = None) -> torch.nn.Linear:
-    """One seed of `train_probes`, returned as an nn.Linear."""
-    return train_probes(features, labels, num_classes, recipe, [generator], progress).head(0)
-
-
-@torch.no_grad()
-def probes_accuracy(probes: LinearProbes, features: torch.Tensor, labels: torch.Tensor,
-                    batch_size: int = 16384) -> list[tuple[float, float]]:
-    """Per seed (top-1, top-k) accuracy in percent on features [N, D], k = min(5, C)."""
-    n_seeds, num_classes, _ = probes.weight.shape
-    k = min(5, num_classes)
-    correct1 = torch.zeros(n_seeds, dtype=torch.long)
-    correct5 = torch.zeros(n_seeds, dtype=torch.long)
-    for start in range(0, features.shape[0], batch_size):
-        logits = probes.logits(features[start:start + batch_size].to(probes.weight.device))  # [S, n, C]
-        y = labels[start:start + batch_size].to(logits.device)
-        topk = logits.topk(k, dim=2).indices
-        correct1 += (topk[..., 0] == y).sum(1).cpu()
-        correct5 += (topk == y[None, :, None]).any(dim=2).sum(1).cpu()
-    n = features.shape[0]
-    return [(100.0 * int(a) / n, 100.0 * int(b) / n) for a, b in zip(correct1, correct5)]
-
-
-def probe_accuracy(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(top-1, top-k) accuracy in percent of one nn.Linear head."""
-    probes = LinearProbes(weight=head.weight.detach()[None], bias=head.bias.detach()[None])
-    return probes_accuracy(probes, features, labels)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,7 +69,7 @@ def embed_views(backbone: Backbone, images: torch.Tensor, views: int, generator:
     """
     if generator is None and views != 1:
         raise ValueError("the centre-crop view is a single view: views must be 1 without a generator")
-    device = next(iter(backbone.buffers())).device
+    device = backbone.device
     n = images.shape[0]
     total = views * n
     params = None if generator is None else sample_params(total, generator, EVAL_AUGMENT)
@@ -250,25 +83,10 @@ def embed_views(backbone: Backbone, images: torch.Tensor, views: int, generator:
             sub = AugmentParams(theta=params.theta[start:stop], noise_on=params.noise_on[start:stop],
                                 noise_seed=params.noise_seed)
             x = apply_params(chunk, sub, backbone.image_size, EVAL_AUGMENT)
-        out[start:stop] = backbone(x).float()
+        out[start:stop] = backbone.embed(x)
         if progress is not None:
             progress.update(stop - start)
     return out.view(views, n, backbone.dim)
-
-
-def backbone_for_split(split, name: str, device: torch.device | str) -> Backbone:
-    """The backbone that produced a store split: same image size, same weights, fingerprint checked."""
-    weights = split.weights_path
-    if weights is not None and not Path(weights).is_file():
-        # The store was built elsewhere: use the registry's default weights; the fingerprint decides.
-        weights = None
-    backbone = create_backbone(name, image_size=split.image_size, weights=weights, device=device)
-    if split.fingerprint and backbone.fingerprint != split.fingerprint:
-        raise StoreError(
-            f"backbone '{name}' here has fingerprint {backbone.fingerprint}, but the store's features were "
-            f"computed with {split.fingerprint}: evaluation features would not match the stored test "
-            f"features; use the same weights the store was built with")
-    return backbone
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,14 +230,6 @@ def write_eval_outputs(result: EvalResult, out_dir: str | os.PathLike) -> tuple[
 # The protocol
 
 
-def _open_store(store):
-    if isinstance(store, (str, os.PathLike)):
-        from featurestore.store import FeatureStore
-
-        return FeatureStore.open(store)
-    return store
-
-
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
@@ -431,11 +241,6 @@ def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     return seeds
 
 
-def _split(store, backbone: str, name: str):
-    """store.split, which names what the store holds when the backbone or split is missing."""
-    return store.split(backbone, name)
-
-
 def _recipe_text(recipe: ProbeRecipe, views: int | None) -> str:
     bs = "min(100, N)" if recipe.batch_size is None else str(recipe.batch_size)
     aug = f"flip + random resized crop, {views} cached views per image" if views else "no augmentation"
@@ -443,13 +248,26 @@ def _recipe_text(recipe: ProbeRecipe, views: int | None) -> str:
             f"{aug}; test on stored val features (centre crop)")
 
 
-def evaluate_full(store, backbone: str, epochs: int = 100, seeds: int | Sequence[int] = 5,
+@dataclass
+class EvalConfig:
+    """The options of `engine eval` that `evaluate` takes (the CLI derives its options from them)."""
+
+    seeds: int = option(5, "Probe runs per cell (seeds 0..N-1).")
+    epochs: int = option(1000, "Probe epochs on an image set.")
+    views: int | None = option(None, f"Cached augmented views per image and seed (default min(epochs, {DEFAULT_VIEWS})).")
+    full: bool = option(False, "Add the full-data probe on the stored train features.", flag="--full")
+    full_epochs: int = option(100, "Epochs of the full-data probe.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    quiet: bool = option(False, "No progress bars.", flag="--quiet")
+
+
+def evaluate_full(store, backbone: str, epochs: int = EvalConfig.full_epochs, seeds: int | Sequence[int] = EvalConfig.seeds,
                   device: str | torch.device = "auto", quiet: bool = False) -> CellResult:
     """The full-data probe: train on the stored train features (view 0), test on the val features."""
-    store = _open_store(store)
+    store = open_store(store)
     dev = pick_device(device) if isinstance(device, str) else device
-    train = _split(store, backbone, "train").load(view=0, device=dev)
-    val = _split(store, backbone, "val").load(view=0, device=dev)
+    train = store.split(backbone, "train").load(view=0, device=dev)
+    val = store.split(backbone, "val").load(view=0, device=dev)
     recipe = ProbeRecipe(epochs=epochs, batch_size=FULL_BATCH)
     seed_list = _seed_list(seeds)
     with tqdm(total=epochs, desc=f"full probe {backbone} ({len(seed_list)} seeds)", unit="epoch",
@@ -480,13 +298,13 @@ def _evaluate_set(model: Backbone, images: torch.Tensor, labels: torch.Tensor, v
 
 
 def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequence[str],
-             seeds: int | Sequence[int] = 5, epochs: int = 1000, views: int | None = None, full: bool = False,
-             full_epochs: int = 100, device: str | torch.device = "auto", quiet: bool = False) -> EvalResult:
-    """Evaluate image sets (name -> ImageFolder dir) on each backbone; `full` adds the full-data row.
-
-    `views` cached augmented views per image and seed (default min(epochs, 100)).
-    """
-    store = _open_store(store)
+             **options: Any) -> EvalResult:
+    """Evaluate image sets (name -> ImageFolder dir) on each backbone; `options`: the fields of
+    `EvalConfig` (`full` adds the full-data row; `views` cached augmented views per image and seed)."""
+    cfg = EvalConfig(**options)
+    seeds, epochs, views, full, full_epochs, device, quiet = (cfg.seeds, cfg.epochs, cfg.views, cfg.full,
+                                                              cfg.full_epochs, cfg.device, cfg.quiet)
+    store = open_store(store)
     if not backbones:
         raise UserError("give at least one --backbone to evaluate on")
     if not image_sets and not full:
@@ -499,9 +317,9 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
     recipe = ProbeRecipe(epochs=epochs)
     # Validate everything before the long work: every backbone has train/val, every set reads.
     for b in backbones:
-        _split(store, b, "val")
+        store.split(b, "val")
         if full:
-            _split(store, b, "train")
+            store.split(b, "train")
     loaded = {name: read_image_set(path, store.class_names) for name, path in image_sets.items()}
 
     result = EvalResult(backbones=list(backbones))
@@ -521,13 +339,13 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
         result.rows[FULL_ROW] = {}
 
     for b in backbones:
-        val_split = _split(store, b, "val")
+        val_split = store.split(b, "val")
         result.config.setdefault("backbone_splits", {})[b] = {
             "image_size": val_split.image_size, "resize_size": val_split.resize_size,
             "fingerprint": val_split.fingerprint}
         if loaded:
             val = val_split.load(view=0, device=dev)
-            model = backbone_for_split(val_split, b, dev)
+            model = val_split.open_backbone(dev)
             for name, image_set in loaded.items():
                 images = resize(image_set.images, model.resize_size)
                 result.rows[name][b] = _evaluate_set(model, images, image_set.labels, val, store.num_classes,

@@ -20,7 +20,6 @@ batching effects) the same features, hence the same real gradients: a tested inv
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -91,29 +90,26 @@ class ImageRealSource:
 
     def __init__(self, dataset, rows: Tensor, labels: Tensor, backbone, *, batch: int | None,
                  augment_images: bool = True, augment_config: AugmentConfig = AugmentConfig(),
-                 amp: bool = False, forward_batch: int = 64, cache_bytes: int = 1 << 30) -> None:
+                 forward_batch: int = 64, cache_bytes: int = 1 << 30) -> None:
         """dataset: an ImageDataset; rows: dataset indices of the usable samples (SplitData.rows), in the
         same order as the store source's rows; labels: their labels."""
         self.dataset = dataset
         self.rows = rows.cpu().to(torch.int64)
-        self.device = next(backbone.parameters()).device
+        self.device = backbone.device
         self.labels = labels.to(self.device, torch.int64)
         self.backbone = backbone
         self.batch = batch
         self.augment_images = augment_images
         self.augment_config = augment_config
-        self.amp = amp
         self.forward_batch = forward_batch
         self.num_rows = int(self.rows.shape[0])
         r = backbone.resize_size
         self._cache: dict[int, Tensor] | None = {} if self.num_rows * 3 * r * r * 4 <= cache_bytes else None
 
     @classmethod
-    def from_split(cls, split, backbone, *, batch: int | None, augment_images: bool = True,
-                   amp: bool = False) -> "ImageRealSource":
+    def from_split(cls, split, backbone, *, batch: int | None, augment_images: bool = True) -> "ImageRealSource":
         data = split.load(view=0)
-        return cls(split.dataset(), data.rows, data.labels, backbone, batch=batch,
-                   augment_images=augment_images, amp=amp)
+        return cls(split.dataset(), data.rows, data.labels, backbone, batch=batch, augment_images=augment_images)
 
     def _canonical(self, row: int) -> Tensor:
         if self._cache is not None and row in self._cache:
@@ -133,13 +129,7 @@ class ImageRealSource:
             images = augment(images, size, generator, self.augment_config)
         else:
             images = center_crop(images, size)
-        autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-                    if self.amp and self.device.type == "cuda" else nullcontext())
-        feats = []
-        with autocast:
-            for start in range(0, images.shape[0], self.forward_batch):
-                feats.append(self.backbone(images[start:start + self.forward_batch]).float())
-        return torch.cat(feats), self.labels[idx.to(self.device)]
+        return self.backbone.embed(images, batch_size=self.forward_batch), self.labels[idx.to(self.device)]
 
     def describe(self) -> dict:
         return {"source": "images", "rows": self.num_rows, "augment": self.augment_images,

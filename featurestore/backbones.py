@@ -8,10 +8,11 @@ engine back-propagates through it). Its `fingerprint` (hash of weights + spec) i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -101,6 +102,34 @@ class Backbone(nn.Module):
             raise ValueError(f"expected [B, 3, H, W] images, got {tuple(images.shape)}")
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         return self._embed(x)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The one precision policy of every backbone pass (store features, real and synthetic sides,
+        evaluation): bf16 autocast on CUDA (fp16 where the GPU lacks bf16), full fp32 elsewhere."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def embed(self, images: torch.Tensor, *, grad: bool = False, batch_size: int | None = None) -> torch.Tensor:
+        """float32 [N, D] features of images [N, 3, S, S] in [0, 1] (S = `image_size`), under `precision()`.
+
+        `grad=True`: one pass that keeps the graph to the images (the synthetic side). Otherwise no graph,
+        in batches of `batch_size` (default: all at once), each moved to the backbone's device first.
+        """
+        if grad:
+            with self.precision():
+                return self(images).float()
+        step = images.shape[0] if batch_size is None else batch_size
+        out = []
+        with torch.no_grad(), self.precision():
+            for start in range(0, images.shape[0], max(1, step)):
+                out.append(self(images[start:start + step].to(self.device, non_blocking=True)).float())
+        return torch.cat(out) if out else torch.zeros(0, self.dim, device=self.device)
 
     @property
     def fingerprint(self) -> str:

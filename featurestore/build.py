@@ -7,7 +7,7 @@ How a build is organised (the layout itself is described in `featurestore.store`
   statistics, its skipped list) and then its completion marker `unit_done[k]`, last. LocalStore writes
   every chunk file atomically (zarr >= 3.1.3), so a process killed at any moment leaves either a
   finished unit or one that the next run redoes from scratch, and the result is identical.
-- Units are assigned to workers as contiguous ranges (`assign_units`), never strided, so concurrent
+- Units are assigned to workers as contiguous ranges (`featurestore.distributed.contiguous_share`), never strided, so concurrent
   writers (`--shard i/n` processes, or ranks) own whole chunks. Whoever finds every marker set after its
   own units merges the per-unit float64 partial sums, in unit order, into the class statistics and sets
   `complete`; the merge depends only on the stored partials, so it is exact and idempotent.
@@ -27,7 +27,6 @@ How a build is organised (the layout itself is described in `featurestore.store`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -39,20 +38,62 @@ import numpy as np
 import torch
 import zarr
 import zarr.errors
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import store as layout
-from .augment import AugmentConfig, augment, center_crop
+from . import schema
+from .store import StoreLocation, open_zarr_group, read_root_metadata, store_location
 from .backbones import Backbone, create_backbone, get_spec
-from .datasets import CorruptImageError, ImageDataset, canonical_image, dataset_splits, describe_canonical, open_dataset
-from .distributed import (DistContext, all_reduce_int, broadcast_object, destroy, init_process_group_from_env,
-                          raise_if_any_failed)
+from .datasets import ImageDataset, dataset_splits, open_dataset
+from .options import option
+from .distributed import (DistContext, all_reduce_int, broadcast_object, contiguous_share, destroy,
+                          init_process_group_from_env, raise_if_any_failed)
 from .errors import StoreError, UserError
+from .schema import DEFAULT_CHUNK_ROWS, DTYPES
+from .views import ViewDataset, collate_views
 
-DEFAULT_CHUNK_ROWS = 1024
-DTYPES = {"fp16": np.float16, "fp32": np.float32}
-_DTYPE_FLAGS = {"float16": "fp16", "float32": "fp32"}
+
+@dataclass
+class BuildConfig:
+    """Every option of `fs build` (the CLI derives its options from these fields)."""
+
+    dataset: str = option(help="dataset name (see `fs datasets`)", argument=True)
+    backbone: str = option(help="backbone name (see `fs backbones`)", flag="--backbone,-b")
+    store: str = option(help="feature store: a folder (created if missing) or an fsspec URL such as "
+                             "s3://bucket/fs (needs s3fs)", flag="--store,-s")
+    data_root: str | None = option(None, "dataset root folder")
+    splits: list[str] = option(help="split to build (repeatable; default: all present)", flag="--split",
+                               factory=list)
+    limit_per_class: int | None = option(None, "first N samples of each class")
+    image_size: int | None = option(None, "backbone input size in px (default: the backbone's)")
+    weights: str | None = option(None, "local weights file for the backbone")
+    views: int = option(1, "views per image: centre crop + views-1 seeded augmentations")
+    dtype: str = option("fp16", "feature storage dtype: fp16 or fp32")
+    full_cov: bool = option(False, "also store per-class D x D second moments", flag="--full-cov")
+    chunk_rows: int | None = option(None, f"rows per chunk = work unit (default {DEFAULT_CHUNK_ROWS}; a resumed "
+                                          f"split keeps its own)")
+    batch_size: int = option(64, "images per backbone forward")
+    workers: int | None = option(None, "decoding worker processes (default min(8, cpus))")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    seed: int = option(0, "seed of the augmented views")
+    shard: str | None = option(None, "i/n: do only shard i of n (e.g. Slurm job arrays)")
+    quiet: bool = option(False, "no progress bar", flag="--quiet,-q")
+
+    def validate(self) -> None:
+        """Options that are wrong whatever is on disk: one line each."""
+        if self.views < 1:
+            raise UserError(f"--views must be >= 1, got {self.views}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise UserError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if len(set(self.splits)) != len(self.splits):
+            raise UserError(f"--split repeated: {', '.join(self.splits)}")
+        parse_shard(self.shard)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,13 +133,6 @@ class BuildReport:
 # Work assignment
 
 
-def assign_units(n_units: int, rank: int, world: int) -> range:
-    """Contiguous range of units for `rank` of `world` (sizes differ by at most one; never strided)."""
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"shard/rank {rank} of {world} is invalid: need 0 <= rank < world")
-    return range(n_units * rank // world, n_units * (rank + 1) // world)
-
-
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
     """'i/n' (0-based i) -> (i, n); None -> (0, 1)."""
     if shard is None:
@@ -116,157 +150,8 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
     return rank, world
 
 
-def view_seed(seed: int, index: int, view: int) -> int:
-    """Seed of augmented view `view` of sample `index`: a hash, so it is independent of batching."""
-    digest = hashlib.blake2b(f"{seed}:{index}:{view}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Worker-side dataset: decode -> canonical image -> K views
-
-
-class _ViewDataset(Dataset):
-    """Item i -> (i, [K, 3, S, S] views, None) or (i, None, reason) for an undecodable sample."""
-
-    def __init__(self, dataset: ImageDataset, resize_size: int, image_size: int, views: int, seed: int) -> None:
-        self.dataset = dataset
-        self.resize_size = resize_size
-        self.image_size = image_size
-        self.views = views
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            image = self.dataset.load_image(index)
-        except CorruptImageError as exc:
-            return index, None, exc.reason
-        canonical = canonical_image(image, self.resize_size)[None]
-        out = [center_crop(canonical, self.image_size)]
-        for view in range(1, self.views):
-            gen = torch.Generator().manual_seed(view_seed(self.seed, index, view))
-            out.append(augment(canonical, self.image_size, gen))
-        return index, torch.cat(out).contiguous(), None
-
-
-def _collate(items: Sequence[tuple[int, torch.Tensor | None, str | None]]):
-    good = [(i, t) for i, t, _ in items if t is not None]
-    failed = [(int(i), str(r)) for i, t, r in items if t is None]
-    indices = np.array([i for i, _ in good], dtype=np.int64)
-    images = torch.stack([t for _, t in good]) if good else None
-    return indices, images, failed
-
-
 # ----------------------------------------------------------------------------------------------------
 # Store creation and validation
-
-
-def _samples_digest(ds: ImageDataset) -> str:
-    h = hashlib.sha256()
-    h.update("\n".join(ds.sample_ids).encode())
-    h.update(np.ascontiguousarray(ds.labels, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _dataset_identity(ds: ImageDataset) -> dict[str, Any]:
-    return {"name": ds.name, "root": ds.root, "limit_per_class": ds.limit_per_class}
-
-
-def _split_attrs(ds: ImageDataset, backbone: Backbone, *, views: int, dtype: str, full_cov: bool,
-                 chunk_rows: int, seed: int) -> dict[str, Any]:
-    n = len(ds)
-    transform: dict[str, Any] = {
-        "canonical": describe_canonical(backbone.resize_size),
-        "view0": f"centre crop {backbone.image_size}x{backbone.image_size} of the canonical image",
-    }
-    if views > 1:
-        transform["augmented_views"] = (
-            f"views 1..{views - 1}: featurestore.augment.augment(canonical, {backbone.image_size}, gen) with "
-            f"gen seeded by blake2b('{{seed}}:{{index}}:{{view}}') (seed {seed})")
-        transform["augment_config"] = AugmentConfig().to_json()
-    return {
-        "backbone": backbone.describe(),
-        "split": ds.split,
-        "dataset": _dataset_identity(ds),
-        "transform": transform,
-        "num_images": n,
-        "num_classes": ds.num_classes,
-        "dim": backbone.dim,
-        "views": views,
-        "dtype": np.dtype(DTYPES[dtype]).name,
-        "chunk_rows": chunk_rows,
-        "num_units": -(-n // chunk_rows),
-        "full_cov": full_cov,
-        "seed": seed,
-        "samples_digest": _samples_digest(ds),
-        "empty_classes": ds.empty_classes,
-        "class_statistics": "over view 0, from the float32 backbone output before the cast to dtype, "
-                            "accumulated in float64 per unit and merged by addition in unit order",
-        "complete": False,
-    }
-
-
-def _check_backbone_compatible(where: str, old_bb: dict[str, Any], new_bb: dict[str, Any]) -> None:
-    """Same registry name is not enough: the fingerprint (weights + spec) and resolution must match."""
-    if old_bb["fingerprint"] != new_bb["fingerprint"]:
-        raise StoreError(f"{where} was built with a different backbone (fingerprint {old_bb['fingerprint']}, "
-                         f"weights {old_bb.get('weights_path')}) than this one ({new_bb['fingerprint']}, "
-                         f"weights {new_bb.get('weights_path')}): use another --store")
-    if old_bb["image_size"] != new_bb["image_size"] or old_bb["resize_size"] != new_bb["resize_size"]:
-        raise StoreError(f"{where} was built at {old_bb['image_size']} px, this build asks for "
-                         f"{new_bb['image_size']} px: pass --image-size {old_bb['image_size']} or use another --store")
-
-
-def _check_split_compatible(where: str, existing: dict[str, Any], wanted: dict[str, Any],
-                            chunk_rows_explicit: bool) -> None:
-    """Refuse (StoreError, nothing written) to continue a split built with different settings."""
-    _check_backbone_compatible(where, existing["backbone"], wanted["backbone"])
-    checks = [("views", "--views"), ("dtype", "--dtype"), ("full_cov", "--full-cov")]
-    if wanted["views"] > 1:
-        checks.append(("seed", "--seed"))
-    if chunk_rows_explicit:
-        checks.append(("chunk_rows", "--chunk-rows"))
-    for key, flag in checks:
-        if existing.get(key) != wanted[key]:
-            old, new = existing.get(key), wanted[key]
-            if key == "dtype":
-                old, new = (_DTYPE_FLAGS.get(str(v), v) for v in (old, new))
-            raise StoreError(f"{where} was built with {flag} {old} (asked: {new}): repeat the "
-                             f"original options, or use another --store")
-    if existing["num_images"] != wanted["num_images"] or existing.get("samples_digest") != wanted["samples_digest"]:
-        raise StoreError(f"{where} holds {existing['num_images']} samples but the dataset now lists "
-                         f"{wanted['num_images']} (or different files): the source images changed since "
-                         f"the store was built; use another --store")
-
-
-def _array_specs(attrs: dict[str, Any], num_classes: int) -> dict[str, dict[str, Any]]:
-    n, d, k, r, u = (attrs["num_images"], attrs["dim"], attrs["views"], attrs["chunk_rows"], attrs["num_units"])
-    c = num_classes
-    feat_shape, feat_chunks = ((n, d), (r, d)) if k == 1 else ((n, k, d), (r, k, d))
-    specs: dict[str, dict[str, Any]] = {
-        # Dense float embeddings barely compress (x1.06-1.12): no codec keeps writing cheap.
-        layout.FEATURES: dict(shape=feat_shape, chunks=feat_chunks, dtype=attrs["dtype"], fill_value=np.nan,
-                              compressors=None),
-        layout.LABELS: dict(shape=(n,), chunks=(r,), dtype="int64", fill_value=layout.SKIPPED_LABEL),
-        layout.SAMPLE_IDS: dict(shape=(n,), chunks=(r,), dtype=str, fill_value=""),
-        layout.UNIT_DONE: dict(shape=(u,), chunks=(1,), dtype="uint8", fill_value=0),
-        layout.UNIT_COUNT: dict(shape=(u, c), chunks=(1, c), dtype="int64", fill_value=0),
-        # One chunk per (unit, class): a unit writes only the classes it saw (zero chunks are not stored).
-        layout.UNIT_SUM: dict(shape=(u, c, d), chunks=(1, 1, d), dtype="float64", fill_value=0.0),
-        layout.UNIT_SQSUM: dict(shape=(u, c, d), chunks=(1, 1, d), dtype="float64", fill_value=0.0),
-        layout.UNIT_SKIPPED: dict(shape=(u,), chunks=(1,), dtype=str, fill_value=""),
-        layout.CLASS_COUNT: dict(shape=(c,), chunks=(c,), dtype="int64", fill_value=-1),
-        layout.CLASS_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),
-        layout.CLASS_SQ_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),
-    }
-    if attrs["full_cov"]:
-        specs[layout.UNIT_OUTER] = dict(shape=(u, c, d, d), chunks=(1, 1, d, d), dtype="float64", fill_value=0.0)
-        specs[layout.CLASS_SECOND_MOMENT] = dict(shape=(c, d, d), chunks=(1, d, d), dtype="float32",
-                                                 fill_value=np.nan)
-    return specs
 
 
 def _require_group(parent: zarr.Group, name: str, attributes: dict[str, Any]) -> zarr.Group:
@@ -292,30 +177,6 @@ def _require_array(group: zarr.Group, name: str, spec: dict[str, Any]) -> zarr.A
     return array
 
 
-def _root_attrs(ds: ImageDataset) -> dict[str, Any]:
-    return {
-        "format": layout.FORMAT_NAME,
-        "schema_version": layout.SCHEMA_VERSION,
-        "tool_version": layout.tool_version(),
-        "dataset": _dataset_identity(ds),
-        "class_names": list(ds.class_names),
-    }
-
-
-def _check_root_compatible(path: str, meta: dict[str, Any], ds: ImageDataset) -> None:
-    attrs = meta["attributes"]
-    stored, wanted = attrs.get("dataset", {}), _dataset_identity(ds)
-    for key, flag in (("name", "DATASET"), ("root", "--data-root"), ("limit_per_class", "--limit-per-class")):
-        if stored.get(key) != wanted[key]:
-            raise StoreError(f"store {path} holds dataset {stored.get('name')} (root {stored.get('root')}, "
-                             f"limit per class {stored.get('limit_per_class')}); this build is for "
-                             f"{wanted['name']} (root {wanted['root']}, limit per class "
-                             f"{wanted['limit_per_class']}): differing {flag}; use another --store")
-    if list(attrs.get("class_names", [])) != list(ds.class_names):
-        raise StoreError(f"store {path} lists different class names than dataset {ds.name} now has: "
-                         f"the class folders changed; use another --store")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Writing units and finalizing
 
@@ -334,19 +195,19 @@ class _UnitWriter:
         self.np_dtype = np.dtype(attrs["dtype"])
         self.num_classes = ds.num_classes
         self.arrays = {name: group[name] for name in (
-            layout.FEATURES, layout.LABELS, layout.SAMPLE_IDS, layout.UNIT_DONE, layout.UNIT_COUNT,
-            layout.UNIT_SUM, layout.UNIT_SQSUM, layout.UNIT_SKIPPED)}
+            schema.FEATURES, schema.LABELS, schema.SAMPLE_IDS, schema.UNIT_DONE, schema.UNIT_COUNT,
+            schema.UNIT_SUM, schema.UNIT_SQSUM, schema.UNIT_SKIPPED)}
         if self.full_cov:
-            self.arrays[layout.UNIT_OUTER] = group[layout.UNIT_OUTER]
+            self.arrays[schema.UNIT_OUTER] = group[schema.UNIT_OUTER]
         self.unit: int | None = None
 
     def start(self, unit: int) -> None:
         self.unit = unit
-        self.start_row, self.stop_row = layout.unit_rows(unit, self.chunk_rows, self.n)
+        self.start_row, self.stop_row = schema.unit_rows(unit, self.chunk_rows, self.n)
         rows = self.stop_row - self.start_row
         shape = (rows, self.dim) if self.views == 1 else (rows, self.views, self.dim)
         self.features = np.full(shape, np.nan, dtype=np.float32)
-        self.labels = np.full(rows, layout.SKIPPED_LABEL, dtype=np.int64)
+        self.labels = np.full(rows, schema.SKIPPED_LABEL, dtype=np.int64)
         self.skipped: list[tuple[int, str]] = []
 
     def add(self, indices: np.ndarray, features: np.ndarray | None, failed: list[tuple[int, str]]) -> None:
@@ -359,10 +220,10 @@ class _UnitWriter:
     def finish(self) -> None:
         """Write every chunk of the unit, its partial statistics, then (last) its marker."""
         a, k, lo, hi = self.arrays, self.unit, self.start_row, self.stop_row
-        a[layout.FEATURES][lo:hi] = self.features.astype(self.np_dtype)
-        a[layout.LABELS][lo:hi] = self.labels
-        a[layout.SAMPLE_IDS][lo:hi] = np.array(self.ds.sample_ids[lo:hi], dtype=object).astype(str)
-        valid = self.labels != layout.SKIPPED_LABEL
+        a[schema.FEATURES][lo:hi] = self.features.astype(self.np_dtype)
+        a[schema.LABELS][lo:hi] = self.labels
+        a[schema.SAMPLE_IDS][lo:hi] = np.array(self.ds.sample_ids[lo:hi], dtype=object).astype(str)
+        valid = self.labels != schema.SKIPPED_LABEL
         view0 = (self.features if self.views == 1 else self.features[:, 0]).astype(np.float64)[valid]
         labels = self.labels[valid]
         counts = np.bincount(labels, minlength=self.num_classes).astype(np.int64)
@@ -376,14 +237,14 @@ class _UnitWriter:
             sqsums[j] = (x * x).sum(axis=0)
             if outer is not None:
                 outer[j] = x.T @ x
-        a[layout.UNIT_COUNT][k] = counts
+        a[schema.UNIT_COUNT][k] = counts
         if len(present):
-            a[layout.UNIT_SUM].set_orthogonal_selection((k, present, slice(None)), sums)
-            a[layout.UNIT_SQSUM].set_orthogonal_selection((k, present, slice(None)), sqsums)
+            a[schema.UNIT_SUM].set_orthogonal_selection((k, present, slice(None)), sums)
+            a[schema.UNIT_SQSUM].set_orthogonal_selection((k, present, slice(None)), sqsums)
             if outer is not None:
-                a[layout.UNIT_OUTER].set_orthogonal_selection((k, present, slice(None), slice(None)), outer)
-        a[layout.UNIT_SKIPPED][k] = json.dumps(sorted(self.skipped)) if self.skipped else ""
-        a[layout.UNIT_DONE][k] = 1  # the completion marker: written last
+                a[schema.UNIT_OUTER].set_orthogonal_selection((k, present, slice(None), slice(None)), outer)
+        a[schema.UNIT_SKIPPED][k] = json.dumps(sorted(self.skipped)) if self.skipped else ""
+        a[schema.UNIT_DONE][k] = 1  # the completion marker: written last
         self.unit = None
 
 
@@ -391,11 +252,11 @@ def finalize_split(group: zarr.Group, class_names: Sequence[str]) -> bool:
     """If every unit is done: merge per-unit partial sums into the class statistics and mark the split
     complete. Exact (float64 sums, fixed unit order) and idempotent. Returns whether it is complete."""
     attrs = dict(group.attrs)
-    done = np.asarray(group[layout.UNIT_DONE][:])
+    done = np.asarray(group[schema.UNIT_DONE][:])
     if not done.all():
         return False
     c, d = len(class_names), attrs["dim"]
-    unit_count = np.asarray(group[layout.UNIT_COUNT][:], dtype=np.int64)
+    unit_count = np.asarray(group[schema.UNIT_COUNT][:], dtype=np.int64)
     counts = unit_count.sum(axis=0)
     sums, sqsums = np.zeros((c, d)), np.zeros((c, d))
     outer = np.zeros((c, d, d)) if attrs["full_cov"] else None
@@ -403,24 +264,24 @@ def finalize_split(group: zarr.Group, class_names: Sequence[str]) -> bool:
         present = np.flatnonzero(unit_count[k])
         if not len(present):
             continue
-        sums[present] += group[layout.UNIT_SUM].get_orthogonal_selection((k, present, slice(None)))
-        sqsums[present] += group[layout.UNIT_SQSUM].get_orthogonal_selection((k, present, slice(None)))
+        sums[present] += group[schema.UNIT_SUM].get_orthogonal_selection((k, present, slice(None)))
+        sqsums[present] += group[schema.UNIT_SQSUM].get_orthogonal_selection((k, present, slice(None)))
         if outer is not None:
-            outer[present] += group[layout.UNIT_OUTER].get_orthogonal_selection(
+            outer[present] += group[schema.UNIT_OUTER].get_orthogonal_selection(
                 (k, present, slice(None), slice(None)))
     denom = np.maximum(counts, 1).astype(np.float64)
-    group[layout.CLASS_COUNT][:] = counts
-    group[layout.CLASS_MEAN][:] = (sums / denom[:, None]).astype(np.float32)
-    group[layout.CLASS_SQ_MEAN][:] = (sqsums / denom[:, None]).astype(np.float32)
+    group[schema.CLASS_COUNT][:] = counts
+    group[schema.CLASS_MEAN][:] = (sums / denom[:, None]).astype(np.float32)
+    group[schema.CLASS_SQ_MEAN][:] = (sqsums / denom[:, None]).astype(np.float32)
     if outer is not None:
-        group[layout.CLASS_SECOND_MOMENT][:] = (outer / denom[:, None, None]).astype(np.float32)
+        group[schema.CLASS_SECOND_MOMENT][:] = (outer / denom[:, None, None]).astype(np.float32)
 
     skipped_rows: list[tuple[int, str]] = []
-    for entry in group[layout.UNIT_SKIPPED][:]:
+    for entry in group[schema.UNIT_SKIPPED][:]:
         if entry:
             skipped_rows.extend((int(row), str(reason)) for row, reason in json.loads(str(entry)))
     skipped_rows.sort()
-    ids = group[layout.SAMPLE_IDS]
+    ids = group[schema.SAMPLE_IDS]
     skipped = [{"sample_id": str(ids[row]), "reason": reason} for row, reason in skipped_rows]
     group.attrs.update({
         "skipped": skipped,
@@ -445,13 +306,6 @@ def _default_workers(processes_per_node: int = 1) -> int:
     return max(1, min(8, cpus // max(1, processes_per_node)))
 
 
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, units: list[int], *,
                    batch_size: int, workers: int, device: torch.device, seed: int, views: int,
                    quiet: bool, desc: str) -> int:
@@ -463,38 +317,36 @@ def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, un
     batch_unit: list[int] = []
     unit_last_batch: dict[int, int] = {}
     for unit in units:
-        lo, hi = layout.unit_rows(unit, chunk_rows, n)
+        lo, hi = schema.unit_rows(unit, chunk_rows, n)
         for start in range(lo, hi, batch_size):  # batches never straddle a unit
             batches.append(list(range(start, min(hi, start + batch_size))))
             batch_unit.append(unit)
         unit_last_batch[unit] = len(batches) - 1
     total = sum(len(b) for b in batches)
-    loader = DataLoader(_ViewDataset(ds, backbone.resize_size, backbone.image_size, views, seed),
-                        batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(ViewDataset(ds, backbone.resize_size, backbone.image_size, views, seed),
+                        batch_sampler=batches, num_workers=workers, collate_fn=collate_views,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers > 0 else None)
     bar = tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True,
                smoothing=0.1)
     try:
-        with torch.inference_mode(), _autocast(device):
-            for b, (indices, images, failed) in enumerate(loader):
-                unit = batch_unit[b]
-                if writer.unit != unit:
-                    writer.start(unit)
-                features = None
-                if images is not None:
-                    images = images.to(device, non_blocking=True)
-                    # View 0 alone, then the augmented views: view 0 then matches a single-view build
-                    # bit for bit (same batch shapes through the backbone).
-                    parts = [backbone(images[:, 0]).float()[:, None]]
-                    if views > 1:
-                        aug = backbone(images[:, 1:].flatten(0, 1)).float()
-                        parts.append(aug.view(len(indices), views - 1, -1))
-                    features = torch.cat(parts, dim=1).cpu().numpy()
-                writer.add(indices, features, failed)
-                if b == unit_last_batch[unit]:
-                    writer.finish()
-                bar.update(len(indices) + len(failed))
+        for b, (indices, images, failed) in enumerate(loader):
+            unit = batch_unit[b]
+            if writer.unit != unit:
+                writer.start(unit)
+            features = None
+            if images is not None:
+                # View 0 alone, then the augmented views: view 0 then matches a single-view build bit for
+                # bit (same batch shapes through the backbone).
+                parts = [backbone.embed(images[:, 0])[:, None]]
+                if views > 1:
+                    aug = backbone.embed(images[:, 1:].flatten(0, 1))
+                    parts.append(aug.view(len(indices), views - 1, -1))
+                features = torch.cat(parts, dim=1).cpu().numpy()
+            writer.add(indices, features, failed)
+            if b == unit_last_batch[unit]:
+                writer.finish()
+            bar.update(len(indices) + len(failed))
     finally:
         bar.close()
     return total
@@ -504,50 +356,48 @@ def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, un
 class _Prepared:
     """Everything a build needs that comes from reading, never writing: checked before any write."""
 
-    location: layout.StoreLocation
+    location: StoreLocation
     datasets: list[ImageDataset]
     model: Backbone
     wanted: dict[str, dict[str, Any]]  # split -> attributes of the split group to create / resume
     existing: dict[str, dict[str, Any]]  # split -> attributes already stored for this backbone
 
 
-def _prepare(dataset: str, backbone: str, location: layout.StoreLocation, *, data_root, splits, limit_per_class,
-             image_size, weights, views: int, dtype: str, full_cov: bool, chunk_rows: int | None, seed: int,
-             device: torch.device) -> _Prepared:
+def _prepare(cfg: BuildConfig, location: StoreLocation, device: torch.device) -> _Prepared:
     """Open the datasets, load the backbone, and check the store is compatible (read only)."""
-    get_spec(backbone)  # unknown name: fail before opening datasets or loading weights
-    split_names = list(splits) if splits else dataset_splits(dataset, data_root)
-    if len(set(split_names)) != len(split_names):
-        raise UserError(f"--split repeated: {', '.join(split_names)}")
-    datasets = [open_dataset(dataset, root=data_root, split=s, limit_per_class=limit_per_class) for s in split_names]
+    get_spec(cfg.backbone)  # unknown name: fail before opening datasets or loading weights
+    split_names = list(cfg.splits) if cfg.splits else dataset_splits(cfg.dataset, cfg.data_root)
+    datasets = [open_dataset(cfg.dataset, root=cfg.data_root, split=s, limit_per_class=cfg.limit_per_class)
+                for s in split_names]
     for ds in datasets[1:]:
         if ds.class_names != datasets[0].class_names:
-            raise UserError(f"splits {datasets[0].split} and {ds.split} of {dataset} have different classes")
+            raise UserError(f"splits {datasets[0].split} and {ds.split} of {cfg.dataset} have different classes")
 
-    meta = layout.read_root_metadata(location)
+    meta = read_root_metadata(location)
     if meta is not None:
-        _check_root_compatible(location.url, meta, datasets[0])
-    model = create_backbone(backbone, image_size=image_size, weights=weights, device=device)
+        schema.check_root_compatible(location.url, meta, datasets[0])
+    model = create_backbone(cfg.backbone, image_size=cfg.image_size, weights=cfg.weights, device=device)
     model.eval()
     bb_name = model.name
-    wanted = {ds.split: _split_attrs(ds, model, views=views, dtype=dtype, full_cov=full_cov,
-                                     chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS, seed=seed) for ds in datasets}
+    wanted = {ds.split: schema.split_attrs(ds, model, views=cfg.views, dtype=cfg.dtype, full_cov=cfg.full_cov,
+                                           chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS, seed=cfg.seed)
+              for ds in datasets}
     existing: dict[str, dict[str, Any]] = {}
     if meta is not None:
-        root_ro = layout.open_zarr_group(location, read_only=True)
+        root_ro = open_zarr_group(location, read_only=True)
         if bb_name in root_ro:
             for name, group in root_ro[bb_name].groups():
                 attrs = dict(group.attrs)
                 if name in wanted:
                     existing[name] = attrs
-                    if chunk_rows is None:  # resuming: the stored unit size, whatever the default is
+                    if cfg.chunk_rows is None:  # resuming: the stored unit size, whatever the default is
                         wanted[name]["chunk_rows"] = attrs["chunk_rows"]
                         wanted[name]["num_units"] = attrs["num_units"]
-                    _check_split_compatible(f"{location} {bb_name}/{name}", attrs, wanted[name],
-                                            chunk_rows is not None)
+                    schema.check_split_compatible(f"{location} {bb_name}/{name}", attrs, wanted[name],
+                                                   cfg.chunk_rows is not None)
                 else:
                     # Another split of the same backbone: it must come from the same model and resolution.
-                    _check_backbone_compatible(f"{location} {bb_name}/{name}", attrs["backbone"], model.describe())
+                    schema.check_backbone_compatible(f"{location} {bb_name}/{name}", attrs["backbone"], model.describe())
     return _Prepared(location, datasets, model, wanted, existing)
 
 
@@ -558,19 +408,19 @@ def _create_and_plan(prep: _Prepared, shard_rank: int, shard_world: int,
     Run by one process per process group (rank 0), before the other ranks touch the store."""
     location, first = prep.location, prep.datasets[0]
     bb_name = prep.model.name
-    if layout.read_root_metadata(location) is None:
+    if read_root_metadata(location) is None:
         if location.local_path is not None:
             location.local_path.mkdir(parents=True, exist_ok=True)
         try:
-            zarr.create_group(store=location.zarr_store(read_only=False), attributes=_root_attrs(first),
+            zarr.create_group(store=location.zarr_store(read_only=False), attributes=schema.root_attrs(first),
                               overwrite=False)
         except zarr.errors.ContainsGroupError:  # a concurrent --shard process created it first
             pass
-        meta = layout.read_root_metadata(location)
+        meta = read_root_metadata(location)
         if meta is None:
             raise StoreError(f"could not create a feature store at {location}: check that it is writable")
-        _check_root_compatible(location.url, meta, first)
-    root = layout.open_zarr_group(location, read_only=False)
+        schema.check_root_compatible(location.url, meta, first)
+    root = open_zarr_group(location, read_only=False)
     bb_group = _require_group(root, bb_name, {})
     plan: dict[str, list[int] | None] = {}
     for ds in prep.datasets:
@@ -580,18 +430,18 @@ def _create_and_plan(prep: _Prepared, shard_rank: int, shard_world: int,
             continue
         group = _require_group(bb_group, ds.split, attrs)
         stored_attrs = dict(group.attrs)
-        _check_split_compatible(f"{location} {bb_name}/{ds.split}", stored_attrs, attrs, chunk_rows_explicit)
-        for name, spec in _array_specs(stored_attrs, ds.num_classes).items():
+        schema.check_split_compatible(f"{location} {bb_name}/{ds.split}", stored_attrs, attrs, chunk_rows_explicit)
+        for name, spec in schema.array_specs(stored_attrs, ds.num_classes).items():
             _require_array(group, name, spec)
-        done = np.asarray(group[layout.UNIT_DONE][:])
-        plan[ds.split] = [u for u in assign_units(len(done), shard_rank, shard_world) if not done[u]]
+        done = np.asarray(group[schema.UNIT_DONE][:])
+        plan[ds.split] = [u for u in contiguous_share(len(done), shard_rank, shard_world) if not done[u]]
     return plan
 
 
 def units_for_rank(unfinished: Sequence[int], rank: int, world: int) -> list[int]:
     """This rank's contiguous share of the list of unfinished units. Slicing the *unfinished* list (not
     the range of all units) keeps a resumed run balanced whatever world size did the finished units."""
-    return [unfinished[i] for i in assign_units(len(unfinished), rank, world)]
+    return [unfinished[i] for i in contiguous_share(len(unfinished), rank, world)]
 
 
 # A rank that finishes its units waits at a collective for the slowest one; builds run for hours, so the
@@ -601,14 +451,10 @@ def units_for_rank(unfinished: Sequence[int], rank: int, world: int) -> list[int
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 
 
-def build(dataset: str, backbone: str, store: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
-          splits: Sequence[str] | None = None, limit_per_class: int | None = None, image_size: int | None = None,
-          weights: str | os.PathLike | None = None, views: int = 1, dtype: str = "fp16", full_cov: bool = False,
-          chunk_rows: int | None = None, batch_size: int = 64, workers: int | None = None,
-          device: str = "auto", seed: int = 0, shard: str | tuple[int, int] | None = None,
-          quiet: bool = False) -> BuildReport:
+def build(dataset: str, backbone: str, store: str | os.PathLike, **options: Any) -> BuildReport:
     """Compute and store `backbone` features of `dataset` (all splits present by default) in `store`:
-    a local folder or any fsspec URL (s3://bucket/fs, gs://..., memory://...).
+    a local folder or any fsspec URL (s3://bucket/fs, gs://..., memory://...). `options`: the other
+    fields of `BuildConfig`.
 
     Resumable: a rerun skips finished units and finishes the rest. Launched by torchrun (or srun with
     MASTER_ADDR set), the processes join one process group: rank 0 creates the arrays, every rank
@@ -619,40 +465,23 @@ def build(dataset: str, backbone: str, store: str | os.PathLike, *, data_root: s
     `chunk_rows` defaults to 1024 for a new split and to the stored value when resuming. Every check
     runs before anything is written: a refused build changes nothing.
     """
-    if views < 1:
-        raise UserError(f"--views must be >= 1, got {views}")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise UserError(f"--chunk-rows must be >= 1, got {chunk_rows}")
-    if workers is not None and workers < 0:
-        raise UserError(f"--workers must be >= 0, got {workers}")
-    shard_rank, shard_world = parse_shard(shard)
-    location = layout.store_location(store)
-    ctx = init_process_group_from_env(device, timeout=PROCESS_GROUP_TIMEOUT)
+    cfg = BuildConfig(dataset=dataset, backbone=backbone, store=os.fspath(store), **options)
+    cfg.validate()
+    location = store_location(store)
+    ctx = init_process_group_from_env(cfg.device, timeout=PROCESS_GROUP_TIMEOUT)
     try:
-        return _build(ctx, dataset, backbone, location, data_root=data_root, splits=splits,
-                      limit_per_class=limit_per_class, image_size=image_size, weights=weights, views=views,
-                      dtype=dtype, full_cov=full_cov, chunk_rows=chunk_rows, batch_size=batch_size,
-                      workers=_default_workers(ctx.env.local_world_size) if workers is None else workers,
-                      seed=seed, shard_rank=shard_rank, shard_world=shard_world, quiet=quiet)
+        workers = _default_workers(ctx.env.local_world_size) if cfg.workers is None else cfg.workers
+        return _build(ctx, cfg, location, workers)
     finally:
         destroy(ctx)
 
 
-def _build(ctx: DistContext, dataset: str, backbone: str, location: layout.StoreLocation, *, data_root, splits,
-           limit_per_class, image_size, weights, views: int, dtype: str, full_cov: bool, chunk_rows: int | None,
-           batch_size: int, workers: int, seed: int, shard_rank: int, shard_world: int,
-           quiet: bool) -> BuildReport:
+def _build(ctx: DistContext, cfg: BuildConfig, location: StoreLocation, workers: int) -> BuildReport:
     # 1. Every rank: read-only checks. All ranks agree before anyone writes (one failing = all stop).
     prep: _Prepared | None = None
     error: Exception | None = None
     try:
-        prep = _prepare(dataset, backbone, location, data_root=data_root, splits=splits,
-                        limit_per_class=limit_per_class, image_size=image_size, weights=weights, views=views,
-                        dtype=dtype, full_cov=full_cov, chunk_rows=chunk_rows, seed=seed, device=ctx.device)
+        prep = _prepare(cfg, location, ctx.device)
     except Exception as exc:  # noqa: BLE001 - re-raised on this rank by raise_if_any_failed
         error = exc
     raise_if_any_failed(error)
@@ -663,7 +492,7 @@ def _build(ctx: DistContext, dataset: str, backbone: str, location: layout.Store
     plan: dict[str, list[int] | None] | None = None
     if ctx.is_main:
         try:
-            plan = _create_and_plan(prep, shard_rank, shard_world, chunk_rows is not None)
+            plan = _create_and_plan(prep, *parse_shard(cfg.shard), cfg.chunk_rows is not None)
         except Exception as exc:  # noqa: BLE001 - see above
             error = exc
     raise_if_any_failed(error)
@@ -672,9 +501,10 @@ def _build(ctx: DistContext, dataset: str, backbone: str, location: layout.Store
 
     # 3. Every rank computes its contiguous share of each split's unfinished units; 4. rank 0 merges.
     model, bb_name = prep.model, prep.model.name
-    report = BuildReport(store=location.url, dataset=dataset, backbone=bb_name, fingerprint=model.fingerprint,
+    shard_rank, shard_world = parse_shard(cfg.shard)
+    report = BuildReport(store=location.url, dataset=cfg.dataset, backbone=bb_name, fingerprint=model.fingerprint,
                          rank=ctx.rank, world_size=ctx.world_size)
-    root = layout.open_zarr_group(location, read_only=False)
+    root = open_zarr_group(location, read_only=False)
     for ds in prep.datasets:
         attrs = prep.wanted[ds.split]
         unfinished = plan[ds.split]
@@ -697,8 +527,8 @@ def _build(ctx: DistContext, dataset: str, backbone: str, location: layout.Store
         written = 0
         try:
             written = _compute_units(model, ds, _UnitWriter(group, ds, dict(group.attrs)), mine,
-                                     batch_size=batch_size, workers=workers, device=ctx.device, seed=seed,
-                                     views=views, quiet=quiet or not ctx.is_main, desc=desc)
+                                     batch_size=cfg.batch_size, workers=workers, device=ctx.device, seed=cfg.seed,
+                                     views=cfg.views, quiet=cfg.quiet or not ctx.is_main, desc=desc)
         except Exception as exc:  # noqa: BLE001 - see above
             error = exc
         raise_if_any_failed(error)  # also the barrier: every rank's units are written
@@ -714,6 +544,6 @@ def _build(ctx: DistContext, dataset: str, backbone: str, location: layout.Store
             split=ds.split, rows=attrs["num_images"], written=written,
             skipped=int(final_attrs.get("num_skipped", 0)), already_complete=False,
             complete=bool(final_attrs.get("complete", False)),
-            units_done=int(np.count_nonzero(group[layout.UNIT_DONE][:])), units_total=int(attrs["num_units"]),
+            units_done=int(np.count_nonzero(group[schema.UNIT_DONE][:])), units_total=int(attrs["num_units"]),
             empty_classes=list(final_attrs.get("empty_classes", []))))
     return report

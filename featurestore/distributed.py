@@ -198,23 +198,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def collective_device() -> torch.device:
     """Where a collective's helper tensors live: NCCL only moves CUDA tensors (the rank's GPU), gloo CPU
     ones. Object collectives move pickles through such tensors too."""
@@ -250,6 +233,23 @@ def all_reduce_int(value: int) -> int:
     return int(t.item())
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on at least one (every rank must call it)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def contiguous_share(total: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of `total` items (sizes differ by at most one, later ranks get the
+    extra ones; never strided): work units of a build, augmented copies of a distillation step."""
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"shard/rank {rank} of {world} is invalid: need 0 <= rank < world")
+    return range(total * rank // world, total * (rank + 1) // world)
+
+
 def raise_if_any_failed(error: BaseException | None) -> None:
     """Collective: every rank passes the exception it caught (or None); if any rank failed, every rank
     raises: a failed rank its own exception, the others a UserError naming the failing rank. Keeps ranks
@@ -269,5 +269,5 @@ def raise_if_any_failed(error: BaseException | None) -> None:
 
 
 __all__ = ["DistEnv", "DistContext", "DistributedError", "rank_device", "init_process_group_from_env", "destroy",
-           "is_distributed", "get_rank", "get_world_size", "is_main", "barrier", "collective_device",
-           "broadcast_object", "all_gather_objects", "all_reduce_int", "raise_if_any_failed"]
+           "is_distributed", "collective_device", "broadcast_object", "all_gather_objects", "all_reduce_int",
+           "any_rank", "contiguous_share", "raise_if_any_failed"]

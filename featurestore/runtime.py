@@ -23,6 +23,15 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
+def require_new_dir(path: str | os.PathLike, hint: str = "choose a new directory or remove it",
+                    error: type[UserError] = UserError) -> Path:
+    """`path` as a Path if it does not exist or is an empty directory; else `error` (one line) with `hint`."""
+    path = Path(path).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise error(f"--out {path} exists and is not empty: {hint}")
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)
@@ -45,3 +54,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def tool_version() -> str:
+    """Installed distribution version, or the one in pyproject.toml when running from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("probe-distill")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            import tomllib
+
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + "+source"
+        except (OSError, KeyError, ValueError):
+            return "unknown"

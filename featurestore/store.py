@@ -1,38 +1,10 @@
-"""The feature store: a Zarr v3 group holding frozen-backbone features of a labelled image dataset.
+"""Reading a feature store (a Zarr v3 group of frozen-backbone features of a labelled image dataset), and
+where a store lives.
 
-Layout (schema version 1; the README documents it as a public format)::
-
-    <store>/                      root group; attrs: schema_version, format, tool_version,
-                                  dataset {name, root, limit_per_class}, class_names
-      <backbone>/                 one group per backbone (registry name)
-        <split>/                  one group per split; attrs below
-          features                float16 (or float32) [N, D], or [N, K, D] with K views; fill NaN
-          labels                  int64 [N]; -1 marks a skipped (undecodable) sample
-          sample_ids              string [N]: path relative to the dataset root, or "<index>"
-          class_count             int64 [C]
-          class_mean              float32 [C, D]  (0 for an empty class)
-          class_sq_mean           float32 [C, D]  diagonal second moment E[x^2]
-          class_second_moment     float32 [C, D, D]  E[x x^T], only with --full-cov
-          unit_done               uint8 [U]: completion marker of each work unit, written last
-          unit_count              int64 [U, C]        per-unit partial statistics, so resumed and
-          unit_sum                float64 [U, C, D]   multi-process builds merge exactly (by addition
-          unit_sqsum              float64 [U, C, D]   in unit order, independent of who computed what)
-          unit_outer              float64 [U, C, D, D]  (only with --full-cov)
-          unit_skipped            string [U]: JSON list of [row, reason] for the unit's skipped samples
+The layout, attributes and array specifications are in `featurestore.schema`.
 
 A store is a local folder (zarr LocalStore) or any fsspec URL such as s3://bucket/fs (zarr FsspecStore;
 the backend package, e.g. s3fs, is an optional dependency): see `StoreLocation`.
-
-Rows are cut into work units of `chunk_rows` rows = exactly one chunk of every per-row array, so a
-writer always owns whole chunks (Zarr is only safe for concurrent writers that do). Float arrays use
-NaN as fill value: Zarr does not store chunks equal to the fill value, and a legitimately zero chunk
-must not look missing. Class statistics are computed over view 0 (the centre crop) from the float32
-backbone output *before* the cast to the storage dtype, accumulated in float64.
-
-Split-group attributes: `backbone` (Backbone.describe(): spec, fingerprint, normalization, resolution,
-weights path), `transform`, `num_images`, `num_classes`, `dim`, `views`, `dtype`, `chunk_rows`,
-`num_units`, `full_cov`, `seed`, `empty_classes`, `complete`; once complete also `num_valid`,
-`num_skipped`, `skipped` ([{sample_id, reason}]).
 """
 
 from __future__ import annotations
@@ -51,42 +23,9 @@ import zarr.abc.store
 import zarr.storage
 
 from .errors import StoreError
-
-SCHEMA_VERSION = 1
-FORMAT_NAME = "probe-distill feature store"
-
-FEATURES = "features"
-LABELS = "labels"
-SAMPLE_IDS = "sample_ids"
-CLASS_COUNT = "class_count"
-CLASS_MEAN = "class_mean"
-CLASS_SQ_MEAN = "class_sq_mean"
-CLASS_SECOND_MOMENT = "class_second_moment"
-UNIT_DONE = "unit_done"
-UNIT_COUNT = "unit_count"
-UNIT_SUM = "unit_sum"
-UNIT_SQSUM = "unit_sqsum"
-UNIT_OUTER = "unit_outer"
-UNIT_SKIPPED = "unit_skipped"
-
-SKIPPED_LABEL = -1
-
-
-def tool_version() -> str:
-    """Installed distribution version, or the one in pyproject.toml when running from a source tree."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("probe-distill")
-    except PackageNotFoundError:
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        try:
-            import tomllib
-
-            return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + "+source"
-        except (OSError, KeyError, ValueError):
-            return "unknown"
-
+from .runtime import tool_version
+from .schema import (CLASS_COUNT, CLASS_MEAN, CLASS_SECOND_MOMENT, CLASS_SQ_MEAN, FEATURES, LABELS, SAMPLE_IDS,
+                     SCHEMA_VERSION, SKIPPED_LABEL, UNIT_DONE)
 
 # ----------------------------------------------------------------------------------------------------
 # Where a store lives: a local folder (zarr LocalStore) or any fsspec URL (zarr FsspecStore)
@@ -216,12 +155,6 @@ def read_root_metadata(store: "str | os.PathLike | StoreLocation") -> dict[str, 
 def open_zarr_group(store: "str | os.PathLike | StoreLocation", *, read_only: bool) -> zarr.Group:
     return zarr.open_group(store=store_location(store).zarr_store(read_only=read_only),
                            mode="r" if read_only else "r+")
-
-
-def unit_rows(unit: int, chunk_rows: int, n: int) -> tuple[int, int]:
-    """[start, stop) rows of work unit `unit` (the last unit may be short)."""
-    start = unit * chunk_rows
-    return start, min(n, start + chunk_rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,6 +295,26 @@ class StoreSplit:
                              f"with --full-cov (into a new store, or after deleting that group)")
         return np.asarray(self.group[CLASS_SECOND_MOMENT][:], dtype=np.float32)
 
+    def open_backbone(self, device: str | torch.device = "cpu", weights: str | None = None):
+        """The backbone that produced this split: same registry name and image size, the `weights` given,
+        else the file the store was built with when it is here, else the registry's default. Its
+        fingerprint must be the store's (StoreError otherwise): features computed now then match the
+        stored ones."""
+        from .backbones import create_backbone
+
+        if weights is None:
+            weights = self.weights_path
+            if weights is not None and not Path(weights).is_file():
+                weights = None  # the store was built elsewhere: the default weights, the fingerprint decides
+        backbone = create_backbone(self.backbone, image_size=self.image_size, weights=weights, device=device)
+        if self.fingerprint and backbone.fingerprint != self.fingerprint:
+            raise StoreError(
+                f"the store's {self.backbone}/{self.split_name} features were computed with weights "
+                f"{self.weights_path or 'default'} (fingerprint {self.fingerprint}), but the backbone now loads "
+                f"{backbone.weights_path or 'default'} (fingerprint {backbone.fingerprint}): pass the same "
+                f"--weights, or rebuild the store")
+        return backbone.eval()
+
     def dataset(self):
         """Reopen the source images of this split (same name/root/split/limit) for real pixels."""
         from .datasets import open_dataset
@@ -396,10 +349,6 @@ class FeatureStore:
     @property
     def dataset(self) -> str:
         return str(self.attrs["dataset"]["name"])
-
-    @property
-    def dataset_root(self) -> str | None:
-        return self.attrs["dataset"].get("root")
 
     @property
     def limit_per_class(self) -> int | None:
@@ -457,3 +406,8 @@ class FeatureStore:
         for bb in self.backbones():
             for sp in self.splits(bb):
                 yield StoreSplit(self, bb, sp, self.root[bb][sp])
+
+
+def open_store(store: "str | os.PathLike | StoreLocation | FeatureStore") -> FeatureStore:
+    """A FeatureStore from a path, URL or location; an already open one is returned as is."""
+    return store if isinstance(store, FeatureStore) else FeatureStore.open(store)

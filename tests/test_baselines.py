@@ -114,7 +114,6 @@ def test_random_baseline_deterministic(tiny_store, tmp_path):
 
 
 def test_neighbors_baseline(tiny_store, tmp_path):
-    from engine.evaluate import backbone_for_split
 
     split = tiny_store.split("test-cnn", "train")
     data = split.load()
@@ -127,7 +126,7 @@ def test_neighbors_baseline(tiny_store, tmp_path):
                            device="cpu", quiet=True)
     assert record["num_images"] == 3
     # Reference: embed the PNG-rounded queries (centre crop), cosine argmax among same-class features.
-    model = backbone_for_split(split, "test-cnn", "cpu")
+    model = split.open_backbone("cpu")
     rounded = torch.from_numpy(to_uint8(queries)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         q = model(rounded[:, :, 2:34, 2:34]).numpy()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.clp import CLPObjective
+from engine.objectives.clp import CLPObjective
 from featurestore.errors import UserError
 
 
@@ -134,7 +134,7 @@ def test_config_and_validation():
 
 
 def test_singular_system_falls_back_to_jitter():
-    from engine.clp import _spd_solve
+    from engine.objectives.clp import _spd_solve
 
     v = torch.arange(1.0, 6.0).unsqueeze(1)
     a = v @ v.T  # rank 1: plain Cholesky fails

@@ -18,11 +18,8 @@ from torch.utils.data import DataLoader
 from featurestore.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
-    CanonicalTransform,
     CorruptImageError,
-    ImageBatch,
     canonical_image,
-    collate_image_batch,
     dataset_splits,
     decode_image_file,
     list_datasets,
@@ -31,6 +28,7 @@ from featurestore.datasets import (
     to_rgb,
 )
 from featurestore.errors import DatasetError, UserError
+from featurestore.views import ViewDataset, collate_views
 
 # ----------------------------------------------------------------------------------------------------
 # fixtures: small on-disk trees written with PIL
@@ -202,13 +200,13 @@ def test_broken_files_raise_corrupt_image_error(folder_root: Path, sample_id: st
     with pytest.raises(CorruptImageError) as info:
         ds.load_image(index)
     assert reason_part in info.value.reason and "\n" not in info.value.reason
-    # __getitem__ reports instead of raising
-    got_index, tensor, reason = ds[index]
+    # the build's worker dataset reports instead of raising
+    got_index, tensor, reason = ViewDataset(ds, resize_size=8, image_size=8, views=1, seed=0)[index]
     assert (got_index, tensor, reason) == (index, None, info.value.reason)
 
 
 def test_missing_file_after_listing_is_reported_not_raised(folder_root: Path) -> None:
-    ds = open_dataset("imagefolder", folder_root, "val")
+    ds = ViewDataset(open_dataset("imagefolder", folder_root, "val"), resize_size=8, image_size=8, views=1, seed=0)
     (folder_root / "val" / "beta" / "v2.png").unlink()
     assert ds[2][1] is None and "unreadable" in ds[2][2]
 
@@ -292,43 +290,38 @@ def test_canonical_image_matches_the_reference_eval_transform() -> None:
 
 
 def test_dataloader_workers_report_broken_files_and_decode_the_rest(folder_root: Path) -> None:
-    ds = open_dataset("imagefolder", folder_root, "train").with_transform(CanonicalTransform(12))
-    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_image_batch)
+    ds = open_dataset("imagefolder", folder_root, "train")
+    views = ViewDataset(ds, resize_size=12, image_size=12, views=1, seed=0)
+    loader = DataLoader(views, batch_size=4, num_workers=2, collate_fn=collate_views)
     seen_ok: list[int] = []
     failed: dict[int, str] = {}
-    for batch in loader:
-        assert isinstance(batch, ImageBatch)
-        assert batch.images.shape == (len(batch.indices), 3, 12, 12)
-        seen_ok += batch.indices.tolist()
-        failed.update(batch.failed)
+    for indices, images, batch_failed in loader:
+        if images is not None:
+            assert images.shape == (len(indices), 1, 3, 12, 12)
+        seen_ok += indices.tolist()
+        failed.update(batch_failed)
     broken = {i for i, sid in enumerate(ds.sample_ids) if sid in BROKEN_IDS}
     assert set(failed) == broken
     assert all(isinstance(r, str) and r for r in failed.values())
     assert sorted(seen_ok + list(failed)) == list(range(len(ds)))
     # the workers' tensors equal an in-process decode
     good = sorted(seen_ok)[0]
-    assert torch.equal(ds[good][1], canonical_image(ds.load_image(good), 12))
+    assert torch.equal(views[good][1][0], canonical_image(ds.load_image(good), 12))
 
 
 def test_collate_when_every_sample_fails() -> None:
-    batch = collate_image_batch([(3, None, "bad"), (4, None, "worse")])
-    assert batch.indices.tolist() == [] and batch.images.numel() == 0
-    assert batch.failed == [(3, "bad"), (4, "worse")]
+    indices, images, failed = collate_views([(3, None, "bad"), (4, None, "worse")])
+    assert indices.tolist() == [] and images is None
+    assert failed == [(3, "bad"), (4, "worse")]
 
 
-def test_datasets_pickle_with_their_transform(folder_root: Path) -> None:
-    ds = open_dataset("imagefolder", folder_root, "val").with_transform(CanonicalTransform(8))
-    clone = pickle.loads(pickle.dumps(ds))
-    assert clone.sample_ids == ds.sample_ids and torch.equal(clone[0][1], ds[0][1])
+def test_datasets_pickle(folder_root: Path) -> None:
+    views = ViewDataset(open_dataset("imagefolder", folder_root, "val"), resize_size=8, image_size=8, views=1, seed=0)
+    clone = pickle.loads(pickle.dumps(views))
+    assert clone.dataset.sample_ids == views.dataset.sample_ids and torch.equal(clone[0][1], views[0][1])
     synthetic = pickle.loads(pickle.dumps(open_dataset("synthetic", split="val", limit_per_class=1)))
     assert np.array_equal(np.asarray(synthetic.load_image(0)),
                           np.asarray(open_dataset("synthetic", split="val").load_image(0)))
-
-
-def test_with_transform_does_not_change_the_original(folder_root: Path) -> None:
-    ds = open_dataset("imagefolder", folder_root, "val")
-    ds.with_transform(CanonicalTransform(8))
-    assert ds[0][1].shape == (3, 20, 20)  # default transform: full image as float in [0, 1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,10 +426,9 @@ def test_synthetic_is_learnable_but_not_trivial() -> None:
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
 
     def features(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = open_dataset("synthetic", split=split, limit_per_class=per_class).with_transform(
-            CanonicalTransform(32))
+        ds = open_dataset("synthetic", split=split, limit_per_class=per_class)
         with torch.no_grad():
-            x = net(torch.stack([ds[i][1] for i in range(len(ds))]))
+            x = net(torch.stack([canonical_image(ds.load_image(i), 32) for i in range(len(ds))]))
         return x, torch.from_numpy(ds.labels)
 
     x_train, y_train = features("train", 50)
@@ -464,7 +456,7 @@ def test_synthetic_is_learnable_but_not_trivial() -> None:
 
 def test_list_datasets_names_every_dataset() -> None:
     names = [name for name, _ in list_datasets()]
-    assert names == ["imagenet", "imagefolder", "fashion-mnist", "synthetic"]
+    assert names == ["imagenet", "imagefolder", "fashion-mnist", "gratings"]
     assert all(desc and "\n" not in desc for _, desc in list_datasets())
 
 
@@ -479,7 +471,7 @@ def _one_line_error(fn, *args, **kwargs) -> str:
 
 def test_error_messages(folder_root: Path, tmp_path: Path) -> None:
     msg = _one_line_error(open_dataset, "cifar10")
-    assert "unknown dataset 'cifar10'" in msg and "imagenet, imagefolder, fashion-mnist, synthetic" in msg
+    assert "unknown dataset 'cifar10'" in msg and "imagenet, imagefolder, fashion-mnist, gratings" in msg
     assert "unknown dataset" in _one_line_error(dataset_splits, "cifar10")
 
     assert "--data-root" in _one_line_error(open_dataset, "imagefolder", None)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import zarr
 
-from featurestore.build import assign_units, build, units_for_rank
+from featurestore.build import build, units_for_rank
+from featurestore.distributed import contiguous_share as assign_units
 from featurestore.distributed import DistEnv, DistributedError, init_process_group_from_env, raise_if_any_failed
 from featurestore.errors import StoreError
 from featurestore.store import FeatureStore

@@ -53,9 +53,10 @@ def _config(store: Path, out: Path, **kw):
 
 def _gradient_step(chunk: int, distributed: bool, rank: int = 0, world: int = 1):
     """(loss, parameter gradients) of one LGM step on a fixed pyramid (after the all-reduce if distributed)."""
-    from engine.distill import SyntheticForward, reduce_gradients
+    from engine.distill import SyntheticSide
+    from engine.distributed import reduce_step
     from engine.objectives import LGMObjective
-    from engine.synthetic import PyramidImages
+    from engine.parameterizations import PyramidImages
     from featurestore.augment import AugmentConfig
     from featurestore.backbones import create_backbone
 
@@ -64,7 +65,7 @@ def _gradient_step(chunk: int, distributed: bool, rank: int = 0, world: int = 1)
                         generator=torch.Generator().manual_seed(0))
     for s in range(4):
         syn.grow(s)
-    forward = SyntheticForward(backbone, GRAD_AUGS, True, AugmentConfig(), amp=False)
+    forward = SyntheticSide(backbone, GRAD_AUGS, True, AugmentConfig())
     plan = forward.draw(syn.n, torch.Generator().manual_seed(5))
     real = torch.randn(40, backbone.dim, generator=torch.Generator().manual_seed(1))
     real_y = torch.arange(40) % GRAD_CLASSES
@@ -74,18 +75,19 @@ def _gradient_step(chunk: int, distributed: bool, rank: int = 0, world: int = 1)
         return obj.loss(f, y, real, real_y, torch.Generator().manual_seed(9))
 
     if distributed:
-        loss = forward.loss_and_backward_distributed(syn.images, syn.labels, plan, chunk, loss_fn, rank, world)
-        assert reduce_gradients(syn.parameters(), stop=False, nonfinite=False) == (False, False)
+        loss = forward.loss_and_backward(syn.images, syn.labels, plan, chunk, loss_fn, rank, world)
+        assert reduce_step(syn.parameters(), stop=False, nonfinite=False) == (False, False)
     else:
         loss = forward.loss_and_backward(syn.images, syn.labels, plan, chunk, loss_fn)
     return loss, [p.grad.clone() for p in syn.parameters()]
 
 
-def _count_writes(monkeypatch_target, counts: dict[str, int]) -> None:
-    """Wrap every writer engine.distill calls so the rank's writes are counted."""
+def _count_writes(monkeypatch_targets, counts: dict[str, int]) -> None:
+    """Wrap every writer the engine.distill modules call so the rank's writes are counted."""
     names = ["atomic_write_bytes", "atomic_write_json", "append_metric", "write_metrics", "write_imagefolder",
              "save_safetensors", "save_grid", "save_loss_plot"]
     for name in names:
+        monkeypatch_target = next(t for t in monkeypatch_targets if hasattr(t, name))
         original = getattr(monkeypatch_target, name)
 
         def wrapped(*args, _original=original, _name=name, **kwargs):
@@ -123,7 +125,10 @@ def _worker(rank: int, port: int, store: str, tmp: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import engine.distill as distill_module
-    from engine.distributed import init_from_env, shutdown
+    import engine.distill.checkpoint
+    import engine.distill.loop
+    from featurestore.distributed import destroy as shutdown
+    from featurestore.distributed import init_process_group_from_env as init_from_env
 
     ctx = init_from_env("cpu", timeout=timedelta(seconds=TIMEOUT_S))
     assert ctx.owns_group and ctx.backend == "gloo" and (ctx.rank, ctx.world_size) == (rank, WORLD)
@@ -137,7 +142,7 @@ def _worker(rank: int, port: int, store: str, tmp: str) -> None:
 
     # A 4-step run; count what this rank writes.
     writes: dict[str, int] = {}
-    _count_writes(distill_module, writes)
+    _count_writes([engine.distill.loop, engine.distill.checkpoint], writes)
     run = distill_module.distill(_config(store_path, tmp_path / "dist"))
     results["run"] = {"images": run.images, "losses": run.losses, "rank": run.rank, "world": run.world_size,
                       "writes": dict(writes)}

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 import engine.objectives as objectives
 from cli.engine import app
-from engine.distill import (DistillConfig, DistillError, DistillInterrupted, NonFiniteLossError, SyntheticForward,
+from engine.distill import (DistillConfig, DistillError, DistillInterrupted, NonFiniteLossError, SyntheticSide,
                             distill)
 from engine.imagefolder import read_imagefolder
 from engine.objectives import LGMObjective
 from engine.real import ImageRealSource, StoreRealSource
-from engine.synthetic import PyramidImages
+from engine.parameterizations import PyramidImages
 from featurestore.augment import AugmentConfig
 from featurestore.backbones import create_backbone
 from featurestore.errors import StoreError
@@ -74,7 +74,7 @@ def test_chunked_backprop_equals_single_pass(backbone_name):
         syn = PyramidImages(3, 2, backbone.resize_size, grow_every=1, generator=torch.Generator().manual_seed(0))
         for s in range(4):
             syn.grow(s)
-        forward = SyntheticForward(backbone, 3, True, AugmentConfig(), amp=False)
+        forward = SyntheticSide(backbone, 3, True, AugmentConfig())
         plan = forward.draw(syn.n, torch.Generator().manual_seed(5))
         real = torch.randn(40, backbone.dim, generator=torch.Generator().manual_seed(1))
         real_y = torch.arange(40) % 3
@@ -210,7 +210,7 @@ def test_bad_input_is_refused_before_anything_is_written(store, tmp_path):
     state = {k: v + 0.01 for k, v in create_backbone(BACKBONE).model.state_dict().items()}
     weights = tmp_path / "other.pt"
     torch.save(state, weights)
-    with pytest.raises(DistillError, match="pass the same --weights, or rebuild"):
+    with pytest.raises(StoreError, match="pass the same --weights, or rebuild"):
         distill(_config(store, tmp_path / "new", weights=str(weights)))
     assert not (tmp_path / "new").exists()
 

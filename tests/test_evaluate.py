@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from cli.engine import app
-from engine.evaluate import (ProbeRecipe, backbone_for_split, embed_views, evaluate, evaluate_full,
+from engine.evaluate import (ProbeRecipe, embed_views, evaluate, evaluate_full,
                              probes_accuracy, train_probes, write_eval_outputs)
 from engine.imagefolder import class_folder_names, write_imagefolder
 from featurestore.build import build
@@ -140,7 +140,7 @@ def test_eval_features_match_stored_features(tiny_store, image_set):
     _, rows = image_set
     for bb in ("test-vit", "test-cnn"):
         split = tiny_store.split(bb, "train")
-        model = backbone_for_split(split, bb, "cpu")
+        model = split.open_backbone("cpu")
         ds = split.dataset()
         images = torch.stack([canonical_image(ds.load_image(r), split.resize_size) for r in rows])
         ours = embed_views(model, images, 1, None)[0]

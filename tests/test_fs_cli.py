@@ -44,7 +44,7 @@ def test_info_json_describes_the_store(built_store):
     result = run("info", "--store", built_store, "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["schema_version"] == 1 and info["dataset"]["name"] == "synthetic"
+    assert info["schema_version"] == 1 and info["dataset"]["name"] == "gratings"
     assert info["dataset"]["limit_per_class"] == 4 and info["num_classes"] == 10
     split = info["backbones"]["test-cnn"]["splits"]["train"]
     assert (split["n"], split["dim"], split["views"], split["dtype"]) == (40, 24, 1, "float16")
@@ -124,7 +124,7 @@ def test_backbones_and_datasets_listings():
     assert "test-cnn" in run("backbones", "--all").stdout
     datasets = run("datasets")
     assert datasets.exit_code == 0
-    for name in ("imagenet", "imagefolder", "fashion-mnist", "synthetic"):
+    for name in ("imagenet", "imagefolder", "fashion-mnist", "gratings"):
         assert name in datasets.stdout
 
 

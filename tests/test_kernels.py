@@ -1,4 +1,4 @@
-"""engine.kernels: the fused linear cross-entropy gradient (torch op, chunked CPU path, Triton kernels).
+"""engine.kernels: the fused linear cross-entropy gradient (torch op, blocked CPU path, Triton kernels).
 
 References are computed independently: torch autograd of F.cross_entropy for the forward, autograd of
 the naive full-matrix expression for the backward, both in float64. The Triton kernels run on CPU
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.kernels import chunked, linear_ce_grad
+from engine.kernels import blocked, linear_ce_grad
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +66,11 @@ def test_op_is_registered_and_passes_opcheck():
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-@pytest.mark.parametrize("n,c,d,chunk_rows", [(37, 13, 29, 0), (37, 13, 29, 5), (37, 13, 29, 1), (200, 7, 3, 64),
+@pytest.mark.parametrize("n,c,d,block_rows", [(37, 13, 29, 0), (37, 13, 29, 5), (37, 13, 29, 1), (200, 7, 3, 64),
                                                (1, 1, 4, 0), (3, 50, 2, 2)])
-def test_matches_autograd_of_cross_entropy(dtype, rel, n, c, d, chunk_rows):
+def test_matches_autograd_of_cross_entropy(dtype, rel, n, c, d, block_rows):
     features, labels, weight, bias = make_inputs(n, c, d, dtype=dtype, seed=n + c + d)
-    grad_weight, grad_bias = linear_ce_grad(features, labels, weight, bias, chunk_rows=chunk_rows)
+    grad_weight, grad_bias = linear_ce_grad(features, labels, weight, bias, block_rows=block_rows)
     ref_weight, ref_bias = autograd_reference(features, labels, weight, bias)
     assert grad_weight.dtype == grad_bias.dtype == dtype
     assert_relclose(grad_weight, ref_weight, rel)
@@ -82,7 +82,7 @@ def test_matches_autograd_of_cross_entropy(dtype, rel, n, c, d, chunk_rows):
 @pytest.mark.parametrize("scale", [100.0, 1e4])
 def test_large_logits_are_stable(scale):
     features, labels, weight, bias = make_inputs(37, 13, 29, scale=scale, seed=3)
-    grad_weight, grad_bias = linear_ce_grad(features, labels, weight, bias, chunk_rows=8)
+    grad_weight, grad_bias = linear_ce_grad(features, labels, weight, bias, block_rows=8)
     ref_weight, ref_bias = autograd_reference(features, labels, weight, bias)
     assert_relclose(grad_weight, ref_weight, 1e-5)
     assert_relclose(grad_bias, ref_bias, 1e-5)
@@ -93,7 +93,7 @@ def test_large_logits_are_stable(scale):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_accumulate_in_float32(dtype):
     features, labels, weight, bias = make_inputs(37, 13, 29, dtype=dtype, seed=5)
-    grad_weight, grad_bias = linear_ce_grad(features, labels, weight, bias, chunk_rows=7)
+    grad_weight, grad_bias = linear_ce_grad(features, labels, weight, bias, block_rows=7)
     assert grad_weight.dtype == grad_bias.dtype == torch.float32
     # Reference on the same (already rounded) values: only fp32 accumulation error may remain.
     ref_weight, ref_bias = autograd_reference(features, labels, weight, bias)
@@ -111,8 +111,8 @@ def test_mixed_dtypes_and_int32_labels():
 
 # ------------------------------------------------------------------------------------------ autograd
 
-@pytest.mark.parametrize("chunk_rows", [0, 6])
-def test_backward_matches_autograd_of_naive_expression(chunk_rows):
+@pytest.mark.parametrize("block_rows", [0, 6])
+def test_backward_matches_autograd_of_naive_expression(block_rows):
     features, labels, weight, bias = make_inputs(37, 13, 29, dtype=torch.float64, seed=7)
     gen = torch.Generator().manual_seed(1)
     upstream_weight = torch.randn(13, 29, generator=gen, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_backward_matches_autograd_of_naive_expression(chunk_rows):
         ((gw * upstream_weight).sum() + (gb * upstream_bias).sum()).backward()
         return z.grad, w.grad, b.grad
 
-    ours = grads(lambda *a: linear_ce_grad(*a, chunk_rows=chunk_rows))
+    ours = grads(lambda *a: linear_ce_grad(*a, block_rows=block_rows))
     ref = grads(naive_expression)
     for got, want in zip(ours, ref):
         assert_relclose(got, want, 1e-12)
@@ -146,7 +146,7 @@ def test_gradient_matching_loss_through_features_float32():
         (grad,) = torch.autograd.grad(loss, z)
         return loss.detach(), grad
 
-    loss, grad = loss_grad(lambda *a: linear_ce_grad(*a, chunk_rows=7))
+    loss, grad = loss_grad(lambda *a: linear_ce_grad(*a, block_rows=7))
     ref_loss, ref_grad = loss_grad(naive_expression)
     assert abs(loss.item() - ref_loss.item()) < 1e-6
     assert_relclose(grad, ref_grad, 1e-4)
@@ -165,7 +165,7 @@ def test_only_requested_gradients_are_returned():
 def test_gradcheck_float64():
     features, labels, weight, bias = make_inputs(7, 5, 4, dtype=torch.float64, seed=10)
     inputs = tuple(t.requires_grad_(True) for t in (features, weight, bias))
-    assert torch.autograd.gradcheck(lambda z, w, b: linear_ce_grad(z, labels, w, b, chunk_rows=3), inputs)
+    assert torch.autograd.gradcheck(lambda z, w, b: linear_ce_grad(z, labels, w, b, block_rows=3), inputs)
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -188,22 +188,22 @@ def test_never_materializes_all_probabilities():
     features, labels, weight, bias = make_inputs(n, c, d)
     upstream_weight, upstream_bias = torch.randn(c, d), torch.randn(c)
     with _RecordShapes() as recorder:
-        chunked.forward_chunked(features, labels, weight, bias, chunk_rows=rows, dtype=torch.float32)
-        chunked.backward_chunked(features, labels, weight, bias, upstream_weight, upstream_bias, chunk_rows=rows,
+        blocked.forward_blocked(features, labels, weight, bias, block_rows=rows, dtype=torch.float32)
+        blocked.backward_blocked(features, labels, weight, bias, upstream_weight, upstream_bias, block_rows=rows,
                                  dtype=torch.float32, features_grad=True, params_grad=True)
     assert recorder.shapes, "dispatch mode recorded nothing"
     largest_per_class_block = max(s[0] for s in recorder.shapes if len(s) == 2 and s[1] == c)
-    assert largest_per_class_block <= rows  # only [chunk, C] blocks, never [N, C]
+    assert largest_per_class_block <= rows  # only [block, C] blocks, never [N, C]
 
 
-def test_automatic_chunks_are_even_and_bounded():
+def test_automatic_blocks_are_even_and_bounded():
     n, c, d = 9000, 1000, 4                         # CPU budget 2**22 elements -> 4194 rows at most
-    rows = chunked.resolve_chunk_rows(0, n, c, d, torch.device("cpu"))
-    assert rows == 3000                              # 3 even chunks, no ragged tail
-    assert chunked.resolve_chunk_rows(0, 100, c, d, torch.device("cpu")) == 100
+    rows = blocked.resolve_block_rows(0, n, c, d, torch.device("cpu"))
+    assert rows == 3000                              # 3 even blocks, no ragged tail
+    assert blocked.resolve_block_rows(0, 100, c, d, torch.device("cpu")) == 100
     features, labels, weight, bias = make_inputs(n, c, d)
     with _RecordShapes() as recorder:
-        grad_weight, _ = chunked.forward_chunked(features, labels, weight, bias, chunk_rows=0, dtype=torch.float32)
+        grad_weight, _ = blocked.forward_blocked(features, labels, weight, bias, block_rows=0, dtype=torch.float32)
     assert max(s[0] for s in recorder.shapes if len(s) == 2 and s[1] == c) == rows
     assert_relclose(grad_weight, autograd_reference(features, labels, weight, bias)[0], 2e-5)  # fp32 sum of 9000 rows
 
@@ -247,19 +247,19 @@ cases = torch.load(sys.argv[1])
 results = []
 for case in cases:
     args = (case["features"], case["labels"], case["weight"], case["bias"])
-    grad_weight, grad_bias = linear_ce_grad_triton(*args, case["chunk_rows"])
+    grad_weight, grad_bias = linear_ce_grad_triton(*args, case["block_rows"])
     grad_features, grad_weight_weight, grad_weight_bias = linear_ce_grad_backward_triton(
-        *args, case["upstream_weight"], case["upstream_bias"], case["chunk_rows"])
+        *args, case["upstream_weight"], case["upstream_bias"], case["block_rows"])
     results.append(dict(grad_weight=grad_weight, grad_bias=grad_bias, grad_features=grad_features,
                         dweight=grad_weight_weight, dbias=grad_weight_bias))
 torch.save(results, sys.argv[2])
 """
 
-# (name, N, C, D, feature scale, input dtype, chunk_rows, relative tolerance). BLOCK_C caps at 2048, so
+# (name, N, C, D, feature scale, input dtype, block_rows, relative tolerance). BLOCK_C caps at 2048, so
 # C = 2100 spans two column tiles with a ragged last one; C = 13 is a single ragged 16-wide tile.
 _INTERPRETER_CASES = [
     ("odd", 37, 13, 29, 1.0, torch.float32, 16, 2e-6),
-    ("odd-one-chunk", 37, 13, 29, 1.0, torch.float32, 0, 2e-6),
+    ("odd-one-block", 37, 13, 29, 1.0, torch.float32, 0, 2e-6),
     ("large-logits", 37, 13, 29, 100.0, torch.float32, 10, 5e-4),
     ("many-classes", 5, 2100, 3, 1.0, torch.float32, 0, 5e-6),
     ("one-class", 9, 1, 4, 1.0, torch.float32, 0, 0.0),
@@ -274,7 +274,7 @@ def interpreter_results(tmp_path_factory):
     for i, (_, n, c, d, scale, dtype, rows, _) in enumerate(_INTERPRETER_CASES):
         features, labels, weight, bias = make_inputs(n, c, d, dtype=dtype, scale=scale, seed=100 + i)
         gen = torch.Generator().manual_seed(200 + i)
-        cases.append(dict(features=features, labels=labels, weight=weight, bias=bias, chunk_rows=rows,
+        cases.append(dict(features=features, labels=labels, weight=weight, bias=bias, block_rows=rows,
                           upstream_weight=torch.randn(c, d, generator=gen), upstream_bias=torch.randn(c, generator=gen)))
     torch.save(cases, work / "cases.pt")
     env = dict(os.environ, TRITON_INTERPRET="1",

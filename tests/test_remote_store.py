@@ -82,7 +82,7 @@ def test_cli_build_info_and_reader_on_a_memory_store_match_a_local_store(local_s
     assert_same_arrays(open_memory_group(memory_url), zarr.open_group(str(local_store), mode="r"))
 
     info = json.loads(runner.invoke(app, ["info", "--store", memory_url, "--json"]).stdout)
-    assert info["path"] == memory_url and info["dataset"]["name"] == "synthetic"
+    assert info["path"] == memory_url and info["dataset"]["name"] == "gratings"
     split = info["backbones"]["test-cnn"]["splits"]["train"]
     assert (split["n"], split["dim"], split["views"], split["complete"]) == (40, 24, 2, True)
     assert info["size_bytes"] == sum(len(v) for v in objects.values())

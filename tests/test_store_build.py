@@ -18,7 +18,9 @@ import zarr
 
 from featurestore.augment import augment, center_crop
 from featurestore.backbones import create_backbone
-from featurestore.build import assign_units, build, parse_shard, view_seed
+from featurestore.build import build, parse_shard
+from featurestore.distributed import contiguous_share as assign_units
+from featurestore.views import view_seed
 from featurestore.datasets import canonical_image, open_dataset
 from featurestore.errors import StoreError, UserError
 from featurestore.info import store_info

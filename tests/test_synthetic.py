@@ -1,11 +1,11 @@
-"""engine.synthetic: LGM's pyramid (levels, growth schedule, colour decorrelation, decode range) and pixels."""
+"""engine.parameterizations: LGM's pyramid (levels, growth schedule, colour decorrelation, decode range) and pixels."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine.synthetic import (COLOR_CORRELATION, PixelImages, PyramidImages, decorrelated_to_rgb,
+from engine.parameterizations import (COLOR_CORRELATION, PixelImages, PyramidImages, decorrelated_to_rgb,
                               pyramid_full_step, pyramid_resolutions, rgb_to_decorrelated, synthetic_labels)
 
 

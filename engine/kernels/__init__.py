@@ -3,19 +3,19 @@
     grad_weight = (softmax(Z W^T + b) - onehot(y))^T Z / N      [C, D]
     grad_bias   = mean over rows of (softmax(Z W^T + b) - onehot(y))   [C]
 
-computed in row chunks, so at most a [chunk, C] block of logits exists at once, never all N x C
-probabilities. Registered as the torch op `probe_distill::linear_ce_grad` (CPU: chunked torch; CUDA:
-the same chunks with fused Triton row kernels) and differentiable: gradients flow to `features`
+computed in row blocks, so at most a [block, C] block of logits exists at once, never all N x C
+probabilities. Registered as the torch op `probe_distill::linear_ce_grad` (CPU: blocked torch; CUDA:
+the same blocks with fused Triton row kernels) and differentiable: gradients flow to `features`
 (the synthetic side of gradient matching needs them) and to `weight`/`bias` if they require grad.
 
-Design (why not a fully fused kernel): per chunk, logits = Z_r W^T + b and G += A_r^T Z_r are two
+Design (why not a fully fused kernel): per block, logits = Z_r W^T + b and G += A_r^T Z_r are two
 large GEMMs left to cuBLAS/MKL; only the row-wise softmax-minus-onehot (and its backward) between
 them is a Triton kernel, which streams C in tiles with an online max/sum. This is Liger-Kernel's
 fused-linear-cross-entropy structure. A fully fused design where each program owns a (C-tile,
 D-tile) block of G must recompute the logits of every row for every D-tile, i.e. D / BLOCK_D times
 the GEMM work (6-12x at D = 384-768), and cut-cross-entropy's way around that (atomics into G) pays
 off when C >> D (LLM vocabularies), not for classification heads (C ~ 10-1000, D ~ 384-1024), where
-the [chunk, C] buffer is a few MB and the BLAS runs near peak. The result is deterministic (no atomics).
+the [block, C] buffer is a few MB and the BLAS runs near peak. The result is deterministic (no atomics).
 
 Accumulation is in float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs (gradcheck);
 the outputs have that dtype.
@@ -32,11 +32,11 @@ __all__ = ["linear_ce_grad", "linear_ce_grad_op", "linear_ce_grad_backward_op", 
 
 
 def linear_ce_grad(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, *,
-                   chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
+                   block_rows: int = 0) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy gradient of the linear head (weight [C, D], bias [C]) on features [N, D].
 
     labels: [N] integer class indices in [0, C). Returns (grad_weight [C, D], grad_bias [C]) in
-    float32 (float64 if an input is float64). chunk_rows: rows per chunk, 0 = sized automatically.
+    float32 (float64 if an input is float64). block_rows: rows per block, 0 = sized automatically.
     Raises ValueError for mismatched shapes, non-float inputs or labels out of range.
     """
-    return linear_ce_grad_op(features, labels, weight, bias, chunk_rows)
+    return linear_ce_grad_op(features, labels, weight, bias, block_rows)

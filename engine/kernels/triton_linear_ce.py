@@ -7,9 +7,9 @@ imported: `triton.jit` picks the interpreter at decoration time.
 Each program owns a tile of BLOCK_N rows and streams the C logits of those rows in BLOCK_C column
 tiles, so any C works (C need not be a multiple of the tile, nor fit in one). The softmax uses an
 online max/sum (one pass for the row maximum and normaliser together, as in flash-attention), so
-logits of any magnitude give finite results. All arithmetic is fp32: the chunk buffers the host
-functions hand over are fp32 (inputs of any floating dtype are upcast by `chunked`). No tl.dot is
-used; the GEMMs around these kernels are cuBLAS calls made by `chunked`, which honour torch's
+logits of any magnitude give finite results. All arithmetic is fp32: the block buffers the host
+functions hand over are fp32 (inputs of any floating dtype are upcast by `blocked`). No tl.dot is
+used; the GEMMs around these kernels are cuBLAS calls made by `blocked`, which honour torch's
 global fp32 matmul precision (IEEE fp32 by default; TF32 only if the user enabled it through
 torch.backends.cuda.matmul.allow_tf32 / torch.set_float32_matmul_precision).
 """
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import chunked
+from . import blocked
 from .validation import check_inputs
 
 # Elements of one [BLOCK_N, BLOCK_C] tile held per program.
@@ -119,7 +119,7 @@ def _check_row_buffers(labels: Tensor, *buffers: Tensor) -> None:
 
 
 def softmax_minus_onehot_rows_(logits: Tensor, labels: Tensor) -> Tensor:
-    """Triton version of `chunked.softmax_minus_onehot`, in place on an fp32 buffer; returns it."""
+    """Triton version of `blocked.softmax_minus_onehot`, in place on an fp32 buffer; returns it."""
     _check_row_buffers(labels, logits)
     num_rows, num_classes = logits.shape
     block_n, block_c, num_warps = _launch_config(num_rows, num_classes)
@@ -130,7 +130,7 @@ def softmax_minus_onehot_rows_(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def softmax_backward_rows_(logits: Tensor, upstream: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Triton version of `chunked.softmax_backward`, in place on fp32 buffers: returns (logits, upstream)."""
+    """Triton version of `blocked.softmax_backward`, in place on fp32 buffers: returns (logits, upstream)."""
     _check_row_buffers(labels, logits, upstream)
     num_rows, num_classes = logits.shape
     block_n, block_c, num_warps = _launch_config(num_rows, num_classes)
@@ -141,20 +141,20 @@ def softmax_backward_rows_(logits: Tensor, upstream: Tensor, labels: Tensor) -> 
 
 
 def linear_ce_grad_triton(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
-                          chunk_rows: int = 0) -> tuple[Tensor, Tensor]:
+                          block_rows: int = 0) -> tuple[Tensor, Tensor]:
     """Forward with the Triton row kernel, fp32 result. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-    check_inputs(features, labels, weight, bias, chunk_rows)
-    return chunked.forward_chunked(features, labels.to(torch.int64).contiguous(), weight, bias,
-                                   chunk_rows=chunk_rows, dtype=torch.float32, rows_fn=softmax_minus_onehot_rows_)
+    check_inputs(features, labels, weight, bias, block_rows)
+    return blocked.forward_blocked(features, labels.to(torch.int64).contiguous(), weight, bias,
+                                   block_rows=block_rows, dtype=torch.float32, rows_fn=softmax_minus_onehot_rows_)
 
 
 def linear_ce_grad_backward_triton(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
-                                   grad_grad_weight: Tensor, grad_grad_bias: Tensor, chunk_rows: int = 0,
+                                   grad_grad_weight: Tensor, grad_grad_bias: Tensor, block_rows: int = 0,
                                    features_grad: bool = True, params_grad: bool = True,
                                    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Backward (dZ, dW, db) with the Triton row kernel, fp32 results; None for those not asked for."""
-    check_inputs(features, labels, weight, bias, chunk_rows)
-    return chunked.backward_chunked(features, labels.to(torch.int64).contiguous(), weight, bias,
-                                    grad_grad_weight, grad_grad_bias, chunk_rows=chunk_rows, dtype=torch.float32,
+    check_inputs(features, labels, weight, bias, block_rows)
+    return blocked.backward_blocked(features, labels.to(torch.int64).contiguous(), weight, bias,
+                                    grad_grad_weight, grad_grad_bias, block_rows=block_rows, dtype=torch.float32,
                                     features_grad=features_grad, params_grad=params_grad,
                                     rows_fn=softmax_backward_rows_)

@@ -24,7 +24,7 @@ def compute_dtype(features: Tensor, weight: Tensor, bias: Tensor) -> torch.dtype
     return torch.float32
 
 
-def check_shapes(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, chunk_rows: int) -> None:
+def check_shapes(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, block_rows: int) -> None:
     """Raise ValueError naming the offending argument if shapes, dtypes or devices do not fit."""
     if features.dim() != 2:
         raise ValueError(f"linear_ce_grad: features must be 2-D [N, D], got shape {tuple(features.shape)}")
@@ -58,13 +58,13 @@ def check_shapes(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor,
     if len(devices) != 1:
         raise ValueError("linear_ce_grad: features, labels, weight and bias must be on one device, got "
                          + ", ".join(sorted(str(dev) for dev in devices)))
-    if chunk_rows < 0:
-        raise ValueError(f"linear_ce_grad: chunk_rows must be >= 0 (0 = automatic), got {chunk_rows}")
+    if block_rows < 0:
+        raise ValueError(f"linear_ce_grad: block_rows must be >= 0 (0 = automatic), got {block_rows}")
 
 
-def check_inputs(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, chunk_rows: int) -> None:
+def check_inputs(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, block_rows: int) -> None:
     """check_shapes, plus every label in [0, C)."""
-    check_shapes(features, labels, weight, bias, chunk_rows)
+    check_shapes(features, labels, weight, bias, block_rows)
     num_classes = weight.shape[0]
     low, high = torch.aminmax(labels)
     low, high = int(low), int(high)

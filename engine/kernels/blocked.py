@@ -1,7 +1,7 @@
-"""Row-chunked forward and backward of the linear cross-entropy gradient.
+"""Row-blocked forward and backward of the linear cross-entropy gradient.
 
 Only a [rows, C] block of logits is ever alive, never all N x C probabilities. The two GEMMs per
-chunk (logits = Z_r W^T + b, then G += A_r^T Z_r) go to the BLAS (MKL/OpenBLAS on CPU, cuBLAS on
+block (logits = Z_r W^T + b, then G += A_r^T Z_r) go to the BLAS (MKL/OpenBLAS on CPU, cuBLAS on
 CUDA); the row-wise part between them (softmax minus one-hot, and its backward) is pluggable: the
 torch functions below on CPU, the fused Triton kernels of `triton_linear_ce` on CUDA. This is the
 structure of Liger-Kernel's fused linear cross-entropy; see `__init__` for why it is preferred here
@@ -13,7 +13,7 @@ Math, with A = P - Y, P = softmax(Z W^T + b), Y = onehot(y):
                 M = (Z dG^T + 1 dg_b^T) / N                 [N, C]  (dLoss/dA)
                 dLogits = P * (M - rowsum(P * M))           [N, C]  (softmax backward)
                 dZ = A dG / N + dLogits W,  dW = dLogits^T Z,  db = colsum(dLogits)
-Every row's contribution depends on that row alone, so each line is computed chunk by chunk.
+Every row's contribution depends on that row alone, so each line is computed block by block.
 """
 
 from __future__ import annotations
@@ -28,28 +28,28 @@ from torch import Tensor
 RowForward = Callable[[Tensor, Tensor], Tensor]
 RowBackward = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
-# Elements of chunk work memory (the [rows, C] logits/probability blocks, plus the [rows, D] upcast
+# Elements of block work memory (the [rows, C] logits/probability blocks, plus the [rows, D] upcast
 # of the features when they are not already in the compute dtype): CPU ~16 MB, CUDA ~64 MB. Large
-# enough that each chunk's GEMMs run near the BLAS's full-size speed, small next to the N x C matrix
+# enough that each block's GEMMs run near the BLAS's full-size speed, small next to the N x C matrix
 # of the naive expression once N reaches tens of thousands.
-_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
-_MIN_CHUNK_ROWS = 64
+_BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
+_MIN_BLOCK_ROWS = 64
 
 
-def resolve_chunk_rows(chunk_rows: int, n: int, c: int, d: int, device: torch.device,
+def resolve_block_rows(block_rows: int, n: int, c: int, d: int, device: torch.device,
                        upcast_features: bool = False) -> int:
-    """Rows per chunk: `chunk_rows` if positive, else from the per-device budget, split evenly over N.
+    """Rows per block: `block_rows` if positive, else from the per-device budget, split evenly over N.
 
-    The even split avoids a tiny ragged last chunk (N = 3 x budget + 1 would otherwise cost a fourth
+    The even split avoids a tiny ragged last block (N = 3 x budget + 1 would otherwise cost a fourth
     round of small, inefficient GEMMs).
     """
-    if chunk_rows > 0:
-        return min(chunk_rows, n)
-    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
+    if block_rows > 0:
+        return min(block_rows, n)
+    budget = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cpu"])
     per_row = c + (d if upcast_features else 0)
-    max_rows = max(_MIN_CHUNK_ROWS, budget // per_row)
-    num_chunks = -(-n // max_rows)
-    return -(-n // num_chunks)
+    max_rows = max(_MIN_BLOCK_ROWS, budget // per_row)
+    num_blocks = -(-n // max_rows)
+    return -(-n // num_blocks)
 
 
 def _subtract_onehot_(probs: Tensor, labels: Tensor) -> Tensor:
@@ -73,13 +73,13 @@ def softmax_backward(logits: Tensor, upstream: Tensor, labels: Tensor) -> tuple[
     return _subtract_onehot_(probs, labels), grad_logits
 
 
-def forward_chunked(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, *, chunk_rows: int,
+def forward_blocked(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, *, block_rows: int,
                     dtype: torch.dtype, rows_fn: RowForward = softmax_minus_onehot) -> tuple[Tensor, Tensor]:
-    """(A^T Z / N, 1^T A / N) in `dtype`, one chunk of rows at a time. Inputs are assumed validated."""
+    """(A^T Z / N, 1^T A / N) in `dtype`, one block of rows at a time. Inputs are assumed validated."""
     n, d = features.shape
     c = weight.shape[0]
     device = features.device
-    rows = resolve_chunk_rows(chunk_rows, n, c, d, device, upcast_features=features.dtype != dtype)
+    rows = resolve_block_rows(block_rows, n, c, d, device, upcast_features=features.dtype != dtype)
     w = weight.to(dtype)
     b = bias.to(dtype)
     labels = labels.to(torch.int64)
@@ -98,15 +98,15 @@ def forward_chunked(features: Tensor, labels: Tensor, weight: Tensor, bias: Tens
     return grad_weight.div_(n), grad_bias.div_(n)
 
 
-def backward_chunked(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, grad_grad_weight: Tensor,
-                     grad_grad_bias: Tensor, *, chunk_rows: int, dtype: torch.dtype, features_grad: bool,
+def backward_blocked(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, grad_grad_weight: Tensor,
+                     grad_grad_bias: Tensor, *, block_rows: int, dtype: torch.dtype, features_grad: bool,
                      params_grad: bool, rows_fn: RowBackward = softmax_backward,
                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dZ, dW, db) for upstream (dG, dg_b), in `dtype`; None for the ones not asked for."""
     n, d = features.shape
     c = weight.shape[0]
     device = features.device
-    rows = resolve_chunk_rows(chunk_rows, n, c, d, device, upcast_features=features.dtype != dtype)
+    rows = resolve_block_rows(block_rows, n, c, d, device, upcast_features=features.dtype != dtype)
     w = weight.to(dtype)
     b = bias.to(dtype)
     dg = grad_grad_weight.to(dtype)

@@ -1,7 +1,4 @@
-"""Distillation objectives. Each maps (synthetic features, real features) to a scalar loss; the distill
-loop depends on the synthetic images only through `syn_features` (see ARCHITECTURE.md, Objective).
-
-LGM (Linear Gradient Matching, arXiv 2511.16674), as in the authors' code:
+"""LGM (Linear Gradient Matching, arXiv 2511.16674), as in the authors' code:
 - a fresh random linear head per call: W ~ N(0, head_std^2) of shape [C, D] drawn on the CPU generator
   (so a seed gives the same heads on any device), b = 0; never trained;
 - real gradient (constant): mean cross-entropy gradient of the head on the real features;
@@ -14,27 +11,32 @@ Both gradients come from `engine.kernels.linear_ce_grad` (fused, differentiable 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from engine.kernels import linear_ce_grad
-from featurestore.errors import UserError
+from engine.objectives.base import ObjectiveError, ObjectiveSpec
+from featurestore.options import option
 
 MATCH_MODES = ("global", "per-class")
-METHODS = ("lgm", "clp")
 
 
-class Objective(Protocol):
-    name: str
+@dataclass(frozen=True)
+class LGMConfig:
+    """Options of `--method lgm`."""
 
-    def loss(self, syn_features: Tensor, syn_labels: Tensor, real_features: Tensor, real_labels: Tensor,
-             generator: torch.Generator) -> Tensor: ...
+    head_std: float = option(0.01, "lgm: std of the random linear heads.")
+    match: str = option("global", "lgm: global (one cosine, the authors') or per-class.")
 
-    def config(self) -> dict: ...
+    def validate(self) -> None:
+        if not self.head_std > 0:
+            raise ObjectiveError(f"--head-std must be > 0, got {self.head_std}")
+        if self.match not in MATCH_MODES:
+            raise ObjectiveError(f"--match must be one of {', '.join(MATCH_MODES)}, got {self.match!r}")
 
 
 class LGMObjective:
@@ -43,12 +45,9 @@ class LGMObjective:
     name = "lgm"
 
     def __init__(self, num_classes: int, head_std: float = 0.01, match: str = "global") -> None:
+        LGMConfig(head_std=head_std, match=match).validate()
         if num_classes < 2:
-            raise ValueError(f"LGM needs at least 2 classes, got {num_classes}")
-        if not head_std > 0:
-            raise ValueError(f"head_std must be > 0, got {head_std}")
-        if match not in MATCH_MODES:
-            raise ValueError(f"match must be one of {', '.join(MATCH_MODES)}, got {match!r}")
+            raise ObjectiveError(f"LGM needs at least 2 classes, got {num_classes}")
         self.num_classes = int(num_classes)
         self.head_std = float(head_std)
         self.match = match
@@ -83,23 +82,5 @@ class LGMObjective:
             return (1 - F.cosine_similarity(real, syn, dim=1)).mean()
 
 
-def get_objective(name: str, num_classes: int, **kwargs: Any) -> Objective:
-    """'lgm' -> LGMObjective(num_classes, head_std=, match=); 'clp' -> engine.clp.CLPObjective(num_classes,
-    ridge=, temperature=). Keyword arguments that are None are left to the objective's defaults."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if name == "lgm":
-        unknown = set(kwargs) - {"head_std", "match"}
-        if unknown:
-            raise UserError(f"method lgm does not take {', '.join(sorted(unknown))}")
-        return LGMObjective(num_classes, **kwargs)
-    if name == "clp":
-        try:
-            clp = importlib.import_module("engine.clp")
-            objective_cls = clp.CLPObjective
-        except (ImportError, AttributeError) as exc:
-            raise UserError(f"method clp not available ({type(exc).__name__}: {exc}); use --method lgm") from None
-        unknown = set(kwargs) - {"ridge", "temperature"}
-        if unknown:
-            raise UserError(f"method clp does not take {', '.join(sorted(unknown))}")
-        return objective_cls(num_classes, **kwargs)
-    raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+SPEC = ObjectiveSpec(name="lgm", description="linear gradient matching (the authors' LGM)", config=LGMConfig,
+                     build=lambda num_classes, cfg: LGMObjective(num_classes, head_std=cfg.head_std, match=cfg.match))

@@ -32,10 +32,13 @@ Choices, documented because the paper gives no code and no lambda / tau:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from featurestore.errors import UserError
+from engine.objectives.base import ObjectiveError, ObjectiveSpec
+from featurestore.options import option
 
 # Chosen by measurement. Sweep: Fashion-MNIST store, efficientnet-lite0 at 112 px, 200 train / 200 val
 # images per class; ipc=1 synthetic FEATURES (initialised from random real ones) optimized directly with
@@ -54,6 +57,22 @@ from featurestore.errors import UserError
 # (the outer CE falls to ~0.3 while the trained probe's accuracy drops) and is the main thing to avoid.
 DEFAULT_RIDGE = 0.3
 DEFAULT_TEMPERATURE = 0.15
+
+
+
+@dataclass(frozen=True)
+class CLPConfig:
+    """Options of `--method clp`."""
+
+    ridge: float = option(DEFAULT_RIDGE, "clp: ridge, relative to the synthetic kernel's mean diagonal.")
+    temperature: float = option(DEFAULT_TEMPERATURE, "clp: softmax temperature of the closed-form probe.")
+
+    def validate(self) -> None:
+        if not self.ridge > 0:
+            raise ObjectiveError(f"--ridge must be > 0 (it is relative to the kernel's mean diagonal), got {self.ridge}")
+        if not self.temperature > 0:
+            raise ObjectiveError(f"--temperature must be > 0, got {self.temperature}")
+
 
 _JITTER_START = 1e-6
 _JITTER_RETRIES = 6
@@ -80,12 +99,9 @@ class CLPObjective:
 
     def __init__(self, num_classes: int, ridge: float = DEFAULT_RIDGE, temperature: float = DEFAULT_TEMPERATURE,
                  bias: bool = True) -> None:
+        CLPConfig(ridge=ridge, temperature=temperature).validate()
         if num_classes < 2:
-            raise UserError(f"CLP needs at least 2 classes, got {num_classes}")
-        if not ridge > 0:
-            raise UserError(f"--ridge must be > 0 (it is relative to the kernel's mean diagonal), got {ridge}")
-        if not temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {temperature}")
+            raise ObjectiveError(f"CLP needs at least 2 classes, got {num_classes}")
         self.num_classes = int(num_classes)
         self.ridge = float(ridge)
         self.temperature = float(temperature)
@@ -145,3 +161,8 @@ class CLPObjective:
                 syn_features = syn_features.float()
             logits = self.logits(syn_features, syn_labels, real_features)
             return F.cross_entropy(logits, real_labels.to(logits.device))
+
+
+SPEC = ObjectiveSpec(name="clp", description="closed-form linear-probe distillation (CLP-DD)", config=CLPConfig,
+                     build=lambda num_classes, cfg: CLPObjective(num_classes, ridge=cfg.ridge,
+                                                                 temperature=cfg.temperature))

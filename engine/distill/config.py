@@ -1,0 +1,102 @@
+"""`DistillConfig`: every option of `engine distill`, written once (the CLI derives its options from the
+fields), its validation, and the errors a run reports."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from engine.objectives import METHODS, objective_config
+from featurestore.errors import UserError
+from featurestore.options import option
+
+PARAMETERIZATIONS = ("pyramid", "pixels")
+INITS = ("noise", "real")
+REAL_SOURCES = ("store", "images")
+
+
+class DistillError(UserError):
+    """A distillation run cannot start or continue (bad options, incompatible store or checkpoint)."""
+
+
+class NonFiniteLossError(DistillError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+@dataclass
+class DistillConfig:
+    """Every option of `engine distill` (defaults: the authors' LGM hyper-parameters). `objective` holds
+    the options of `method` that were given (see `engine.objectives`; absent ones take its defaults)."""
+
+    store: str = option(help="Feature store directory (from `fs build`).")
+    backbone: str = option(help="Backbone whose stored features give the real side.")
+    out: str = option(help="Output directory (must be new or empty, unless --resume).")
+    method: str = option("lgm", f"Objective: {' or '.join(METHODS)} (linear gradient matching, closed-form probe).")
+    ipc: int = option(1, "Synthetic images per class.")
+    steps: int = option(5000, "Optimization steps.")
+    lr: float = option(2e-3, "Adam learning rate of the image parameters.")
+    augs: int = option(10, "Augmented copies of every synthetic image per step.")
+    real_batch: int | str | None = option(None, "Real rows per step: an integer, or 'full' (every row, every step). "
+                                                "Default ipc*augs*classes, as the authors.")
+    param: str = option("pyramid", "Image parameterization: pyramid or pixels.")
+    init: str = option("noise", "noise, or real (real images of each class).")
+    grow_every: int = option(200, "Pyramid: steps between added levels.")
+    chunk: int | str = option("auto", "Augmented copies per backbone pass with a graph (bounds memory), or auto.")
+    real_source: str = option("store", "store (stored features) or images (end to end through the backbone, "
+                                       "as the authors).")
+    augment: bool = option(True, "Augmentation on both sides (--no-augment: none).", flag="--augment/--no-augment")
+    checkpoint_every: int = option(100, "Steps between checkpoints.")
+    resume: bool = option(False, "Continue the run in --out from its checkpoint.", flag="--resume")
+    seed: int = option(0, "Seeds init, heads, augmentation and real batches.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    weights: str | None = option(None, "Backbone weights file (default: the store's).")
+    image_size: int | None = option(None, "Backbone input size (default: the store's).")
+    split: str = option("train", "Store split giving the real side.")
+    quiet: bool = option(False, "No progress bar.", flag="--quiet")
+    objective: dict[str, Any] = option(help="Options of the objective given (engine.objectives)", cli=False,
+                                       factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Everything that is wrong whatever the store holds; DistillError with one line."""
+        if self.method not in METHODS:
+            raise DistillError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("ipc", "steps", "augs", "grow_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise DistillError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise DistillError(f"--lr must be a positive number, got {self.lr!r}")
+        objective_config(self.method, self.objective)
+        for name, allowed in (("param", PARAMETERIZATIONS), ("init", INITS), ("real_source", REAL_SOURCES)):
+            if getattr(self, name) not in allowed:
+                raise DistillError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, "
+                                   f"got {getattr(self, name)!r}")
+        parse_real_batch(self.real_batch)
+        parse_chunk(self.chunk)
+
+
+def _positive_int_or(value: int | str, keyword: str, option_name: str) -> int | str:
+    """`keyword` itself, or a positive int (ints given as strings are accepted); else a DistillError."""
+    if value == keyword:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DistillError(f"{option_name} must be a positive integer or '{keyword}', got {value!r}")
+    return value
+
+
+def parse_real_batch(value: int | str | None) -> int | str | None:
+    """None (default: ipc*augs*C), 'full', or a positive int."""
+    return None if value is None else _positive_int_or(value, "full", "--real-batch")
+
+
+def parse_chunk(value: int | str) -> int | str:
+    """'auto' or a positive int (copies per backbone pass)."""
+    return _positive_int_or(value, "auto", "--chunk")

@@ -1,0 +1,409 @@
+"""The distillation loop: `distill(DistillConfig) -> DistillResult` (`engine distill`), as three named
+stages: `setup` (everything that can fail on bad input, before anything is written), `step` (one
+optimization step), `finish` (outputs). One code path for any world size (see engine.distill.backprop).
+
+One step (LGM defaults, as the authors' code; other objectives plug in through engine.objectives):
+1. grow the pyramid when a level is due (then Adam's state is reset, as the authors do);
+2. draw the real batch (features from the store, or end to end from images: `engine.real`);
+3. draw `augs` independent augmentations of every synthetic image (flip, random resized crop via an
+   affine grid, pixel noise: `featurestore.augment`);
+4. features of the M = n * augs augmented copies through the frozen backbone (bf16 autocast on CUDA,
+   fp32 on CPU), loss = objective(syn features, real features) with a fresh random head;
+5. back-propagate to the image parameters (chunked when the whole graph would not fit), Adam step.
+
+Checkpoints (engine.distill.checkpoint) every `checkpoint_every` steps, at the end and on Ctrl-C. A
+non-finite loss stops the run before the optimizer step, without writing a checkpoint: the last good
+one stays.
+
+Several processes (torchrun): launched with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set and
+WORLD_SIZE > 1, `distill` joins the process group (NCCL on cuda:LOCAL_RANK, gloo on the CPU). Every rank
+holds the same full synthetic parameters, the same generators and seeds, and so draws the same random
+head, the augmentation parameters of all M copies (it uses its own share; drawing all keeps the random
+streams those of one process) and the same real batch; every rank loads the store's features itself
+(the store must be readable from every node; nothing big is broadcast). Loss and image gradients are
+those of one process up to floating-point summation order, so a checkpoint resumes under any world size
+(bit for bit under the same one). Rank 0 alone writes config.json, metrics.jsonl, checkpoints and
+outputs and shows the progress bar; with --resume every rank reads the checkpoint (--out must be on a
+filesystem all ranks see). Setup errors are agreed on before anything is written: every rank stops, the
+failing one with its message. Ctrl-C / SIGTERM (torchrun forwards them to every rank) only set a flag;
+the flags are combined at the step's gradient reduction, so all ranks stop at the same step, rank 0
+saves the checkpoint and every rank raises `DistillInterrupted`. A non-finite loss is likewise decided
+collectively. With --real-source images every rank computes the whole real batch's features.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
+from engine.distill.checkpoint import CHECKPOINT, load_checkpoint, run_identity, save_checkpoint, store_id
+from engine.distill.config import DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_real_batch
+from engine.distill.seeds import GENERATORS, derived_seed, make_generators
+from engine.distill.signals import DistillInterrupted, defer_sigint, stop_flags
+from engine.distributed import reduce_step
+from engine.imagefolder import write_imagefolder
+from engine.objectives import Objective, get_objective
+from engine.outputs import append_metric, save_grid, save_loss_plot, save_safetensors, write_metrics
+from engine.parameterizations import SyntheticImages, make_synthetic, pyramid_full_step
+from engine.real import ImageRealSource, RealSource, StoreRealSource
+from featurestore.augment import AugmentConfig
+from featurestore.distributed import DistContext, any_rank, contiguous_share, destroy, init_process_group_from_env
+from featurestore.runtime import atomic_write_json, require_new_dir, tool_version
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    images: Tensor  # float32 [N, 3, R, R] in [0, 1]
+    labels: Tensor  # int64 [N]
+    class_names: list[str]
+    losses: list[float]  # one per completed step, from step 1
+    steps_done: int
+    resumed_from: int | None
+    config: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0  # this process' rank under torchrun (0 in a single process); rank 0 wrote the outputs
+    world_size: int = 1
+
+
+@dataclass
+class Run:
+    """Everything `setup` prepares and the steps share."""
+
+    cfg: DistillConfig
+    ctx: DistContext
+    out: Path
+    store: Any
+    split: Any
+    backbone: Any
+    objective: Objective
+    generators: dict[str, torch.Generator]
+    real: RealSource
+    synthetic: SyntheticImages
+    side: SyntheticSide
+    optimizer: torch.optim.Optimizer
+    copies_per_pass: int
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    start_step: int
+    resumed: bool
+    last_saved: int | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.is_main
+
+    def save_checkpoint(self, step: int) -> None:
+        if not self.main:  # every rank holds the same state; rank 0 writes it
+            return
+        save_checkpoint(self.out, {
+            "step": step, "run": run_identity(self.cfg), "synthetic": self.synthetic.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics})
+        self.last_saved = step
+
+
+def distill(cfg: DistillConfig) -> DistillResult:
+    """Run (or resume) a distillation; writes everything into `cfg.out` (see the module docstring).
+    Under torchrun, every rank calls this and rank 0 writes."""
+    cfg.validate()
+    ctx = init_process_group_from_env(cfg.device)
+    try:
+        run = setup(cfg, ctx)
+        steps(run)
+        return finish(run)
+    finally:
+        destroy(ctx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise DistillError(f"--resume: no {CHECKPOINT} in {out}; start a new run without --resume")
+        return
+    require_new_dir(out, "choose a new directory, or pass --resume to continue the run in it", DistillError)
+
+
+def setup(cfg: DistillConfig, ctx: DistContext) -> Run:
+    """Every check and every load, agreed on by all ranks before rank 0 writes config.json."""
+    run: Run | None = None
+    error: Exception | None = None
+    try:
+        run = _prepare(cfg, ctx)
+    except Exception as exc:  # noqa: BLE001 - re-raised on this rank by raise_if_any_failed
+        if not ctx.is_distributed:
+            raise
+        error = exc
+    # Every rank learns whether some rank could not start, before rank 0 writes anything: no rank is
+    # left waiting in the first step's collectives.
+    if any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise DistillError("another rank could not start the run (its error is printed by that rank); "
+                           "nothing was written")
+    assert run is not None
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.out / "config.json", run.config)
+        write_metrics(run.out / "metrics.jsonl", run.metrics)
+    return run
+
+
+def _load_backbone(cfg: DistillConfig, split, device: torch.device):
+    if cfg.image_size is not None and cfg.image_size != split.image_size:
+        raise DistillError(f"the store's {split.backbone}/{split.split_name} features were computed at "
+                           f"{split.image_size} px, not --image-size {cfg.image_size}: omit --image-size, or "
+                           f"build a store at that size")
+    return split.open_backbone(device, weights=cfg.weights)
+
+
+def _real_init_images(split, num_classes: int, ipc: int, resolution: int, generator: torch.Generator) -> Tensor:
+    """ipc random real images per class (canonical, at the synthetic resolution), class by class."""
+    from featurestore.datasets import canonical_image
+
+    data = split.load(view=0)
+    dataset = split.dataset()
+    images = []
+    for c in range(num_classes):
+        rows = data.rows[data.labels == c]
+        if rows.numel() < ipc:
+            raise DistillError(f"--init real needs {ipc} images of class {c} "
+                               f"({dataset.class_names[c]!r}); the store has {rows.numel()}")
+        pick = rows[torch.randperm(rows.numel(), generator=generator)[:ipc]]
+        images.extend(canonical_image(dataset.load_image(int(r)), resolution) for r in pick)
+    return torch.stack(images)
+
+
+def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
+    from featurestore.store import FeatureStore
+
+    out = Path(cfg.out).expanduser()
+    check_out_dir(out, cfg.resume)
+    checkpoint = load_checkpoint(out, cfg) if cfg.resume else None
+    store = FeatureStore.open(cfg.store)
+    split = store.split(cfg.backbone, cfg.split)
+    num_classes = store.num_classes
+    device = ctx.device
+    backbone = _load_backbone(cfg, split, device)
+    real_batch_opt = parse_real_batch(cfg.real_batch)
+    real_batch = None if real_batch_opt == "full" else (
+        real_batch_opt if real_batch_opt is not None else cfg.ipc * cfg.augs * num_classes)
+    objective = get_objective(cfg.method, num_classes, **cfg.objective)
+    generators = make_generators(cfg.seed)
+    if cfg.real_source == "store":
+        real: RealSource = StoreRealSource.from_split(split, batch=real_batch, augment_views=cfg.augment,
+                                                      device=device)
+    else:
+        real = ImageRealSource.from_split(split, backbone, batch=real_batch, augment_images=cfg.augment)
+    resolution = backbone.resize_size
+    if checkpoint is None and cfg.init == "real":
+        init_images = _real_init_images(split, num_classes, cfg.ipc, resolution, generators["init"])
+    elif checkpoint is not None:  # overwritten by the checkpoint: no draw, no image reads
+        init_images = torch.zeros(num_classes * cfg.ipc, 3, resolution, resolution)
+    else:
+        init_images = None
+    synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution, init=cfg.init, real_images=init_images,
+                               grow_every=cfg.grow_every, generator=generators["init"], device=device)
+    side = SyntheticSide(backbone, cfg.augs, cfg.augment, AugmentConfig())
+    optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
+    metrics: list[dict[str, Any]] = []
+    start_step = 0
+    if checkpoint is not None:
+        synthetic.load_state_dict(checkpoint["synthetic"])
+        optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for name, gen in generators.items():
+            gen.set_state(checkpoint["generators"][name])
+        metrics = list(checkpoint["metrics"])
+        start_step = int(checkpoint["step"])
+    copies_per_step = side.copies(synthetic.n)
+    shares = [contiguous_share(copies_per_step, r, ctx.world_size) for r in range(ctx.world_size)]
+    copies_per_pass, pass_info = resolve_copies_per_pass(parse_chunk(cfg.chunk), side, synthetic.images().detach(),
+                                                         copies=max(1, len(shares[ctx.rank])))
+    config = {
+        "arguments": cfg.to_json(),
+        "method": cfg.method,
+        "objective": objective.config(),
+        "seeds": {"seed": cfg.seed, **{f"{k}_generator": derived_seed(cfg.seed, k) for k in GENERATORS}},
+        "store": {"path": store_id(cfg.store), "dataset": store.dataset,
+                  "backbone": split.backbone, "split": cfg.split, "fingerprint": split.fingerprint,
+                  "rows": real.num_rows, "views": split.views, "dtype": split.attrs.get("dtype")},
+        "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint, "image_size": backbone.image_size,
+                     "resize_size": backbone.resize_size, "weights_path": backbone.weights_path},
+        "synthetic": {**synthetic.describe(), "num_images": synthetic.n, "ipc": cfg.ipc,
+                      "full_resolution_from_step": (pyramid_full_step(resolution, cfg.grow_every)
+                                                    if cfg.param == "pyramid" and cfg.init == "noise" else 0)},
+        "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": side.augs},
+        "real": {**real.describe(), "batch_resolved": "full" if real_batch is None else min(real_batch, real.num_rows)},
+        "optimizer": {"name": "Adam", "lr": cfg.lr, "reset_on_pyramid_growth": cfg.param == "pyramid"},
+        "chunk": {"copies_per_pass": copies_per_pass, "copies_per_step": copies_per_step, **pass_info},
+        "device": str(device), "amp": "bf16 autocast (backbone forward)" if device.type == "cuda" else "fp32",
+        "class_names": store.class_names,
+        "tool_version": tool_version(), "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "resumed_from_step": start_step if checkpoint is not None else None,
+    }
+    if ctx.is_distributed:
+        config["distributed"] = {"world_size": ctx.world_size, "backend": ctx.backend,
+                                 "copies_per_rank": [len(share) for share in shares],
+                                 "note": "device, chunk and peak memory are rank 0's"}
+    return Run(cfg=cfg, ctx=ctx, out=out, store=store, split=split, backbone=backbone, objective=objective,
+               generators=generators, real=real, synthetic=synthetic, side=side, optimizer=optimizer,
+               copies_per_pass=copies_per_pass, config=config, metrics=metrics, start_step=start_step,
+               resumed=checkpoint is not None, last_saved=start_step if checkpoint is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# steps
+
+
+def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, bool]:
+    """Optimization step `index` (0-based) up to the gradient reduction: returns (loss, any rank asked to
+    stop; `stop_requested[0]` is read at the reduction, after this rank's forward and backward). The
+    optimizer update is left to the caller (it must not be interrupted halfway)."""
+    synthetic, generators = run.synthetic, run.generators
+    # The order of random draws: growth (init stream), real batch, augmentations, then the head.
+    if synthetic.grow(index):
+        run.optimizer = torch.optim.Adam(synthetic.parameters(), lr=run.cfg.lr)
+    real_features, real_labels = run.real.sample(generators["real"])
+    plan = run.side.draw(synthetic.n, generators["augment"])
+    run.optimizer.zero_grad(set_to_none=True)
+
+    def loss_fn(syn_features: Tensor, copy_labels: Tensor) -> Tensor:
+        return run.objective.loss(syn_features, copy_labels, real_features, real_labels, generators["head"])
+
+    loss = run.side.loss_and_backward(synthetic.images, synthetic.labels, plan, run.copies_per_pass, loss_fn,
+                                      run.ctx.rank, run.ctx.world_size)
+    loss_value = float(loss)
+    any_stop, any_nonfinite = reduce_step(synthetic.parameters(), stop_requested[0], not math.isfinite(loss_value))
+    if any_nonfinite and math.isfinite(loss_value):
+        loss_value = float("nan")  # another rank saw a non-finite loss: stop with it
+    return loss_value, any_stop
+
+
+def steps(run: Run) -> None:
+    """Steps from the start (or the checkpoint) to `cfg.steps`, with checkpoints and interrupts."""
+    from tqdm.auto import tqdm
+
+    cfg, device = run.cfg, run.ctx.device
+    metrics_path = run.out / "metrics.jsonl"
+    elapsed_before = float(run.metrics[-1]["seconds"]) if run.metrics else 0.0
+    run_start = time.perf_counter()
+    index = run.start_step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=cfg.quiet or not run.main, file=sys.stderr,
+               unit="step", desc=f"distill {cfg.method}", dynamic_ncols=True)
+    # A single process takes Ctrl-C as KeyboardInterrupt (held only around the update); ranks of a
+    # distributed run only flag it and stop together at a step boundary.
+    signals = stop_flags() if run.ctx.is_distributed else nullcontext([False])
+    try:
+        with signals as stop_requested:
+            while index < cfg.steps:
+                states = {k: g.get_state() for k, g in run.generators.items() if k != "init"}
+                t0 = time.perf_counter()
+                try:
+                    loss_value, any_stop = step(run, index, stop_requested)
+                except KeyboardInterrupt:
+                    any_stop = True
+                if any_stop:
+                    # Nothing of this step reached the parameters (a growth is a consistent state on its own):
+                    # rewind the step's random draws and save the state "after `index` steps".
+                    for k, state in states.items():
+                        run.generators[k].set_state(state)
+                    _save_on_stop(run, index)
+                if not math.isfinite(loss_value):
+                    where = (f"the last good checkpoint (step {run.last_saved}) is kept in {run.out / CHECKPOINT}"
+                             if run.last_saved is not None else "no checkpoint was written yet")
+                    raise NonFiniteLossError(
+                        f"the loss became {loss_value} at step {index + 1}; {where}. Lower --lr (now {cfg.lr}) "
+                        f"and rerun with --resume, or start again")
+                try:
+                    with (defer_sigint() if not run.ctx.is_distributed else nullcontext()):
+                        run.optimizer.step()
+                        index += 1
+                        now = time.perf_counter()
+                        record = {"step": index, "loss": loss_value, "step_seconds": round(now - t0, 6),
+                                  "seconds": round(elapsed_before + now - run_start, 6),
+                                  "peak_memory_mb": round(_peak_memory_mb(device), 2)}
+                        if cfg.param == "pyramid":
+                            record["levels"] = len(run.synthetic.parameters())
+                        run.metrics.append(record)
+                        if run.main:
+                            append_metric(metrics_path, record)
+                        if index % cfg.checkpoint_every == 0 or index == cfg.steps:
+                            run.save_checkpoint(index)
+                except KeyboardInterrupt:
+                    if index != run.last_saved:
+                        run.save_checkpoint(index)
+                    raise DistillInterrupted(index, True, run.out) from None
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                bar.update(1)
+    finally:
+        bar.close()
+    if run.last_saved != index:
+        run.save_checkpoint(index)
+
+
+def _save_on_stop(run: Run, index: int) -> None:
+    """Save the checkpoint after a stop request and raise DistillInterrupted on every rank."""
+    failure: Exception | None = None
+    try:
+        run.save_checkpoint(index)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, once the other ranks know
+        failure = exc
+    saved = not any_rank(failure is not None)  # every rank waits until rank 0 has written it
+    if failure is not None:
+        raise failure
+    raise DistillInterrupted(index, saved, run.out)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover - Windows
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------
+# finish
+
+
+def finish(run: Run) -> DistillResult:
+    """Outputs (every rank holds the same images; rank 0 writes them)."""
+    with torch.no_grad():
+        images = run.synthetic.images().detach().float().cpu()
+    labels = run.synthetic.labels.cpu()
+    index = run.metrics[-1]["step"] if run.metrics else run.start_step
+    run.config["steps_done"] = index
+    run.config["final_loss"] = run.metrics[-1]["loss"] if run.metrics else None
+    class_names = run.store.class_names
+    if run.main:
+        write_imagefolder(run.out / "images", images, labels, class_names)
+        atomic_write_json(run.out / "config.json", run.config)
+        save_safetensors(run.out / "distilled.safetensors", images, labels, class_names, run.config)
+        save_grid(run.out / "grid.png", images, labels, class_names)
+        save_loss_plot(run.out / "loss.png", run.metrics,
+                       f"{run.cfg.method} {run.split.backbone} ipc={run.cfg.ipc} ({run.store.dataset})")
+    return DistillResult(out=run.out, images=images, labels=labels, class_names=class_names,
+                         losses=[m["loss"] for m in run.metrics], steps_done=index,
+                         resumed_from=run.start_step if run.resumed else None, config=run.config,
+                         rank=run.ctx.rank, world_size=run.ctx.world_size)

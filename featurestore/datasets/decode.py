@@ -1,0 +1,134 @@
+"""Decoding image files to RGB and the canonical real image, shared by every dataset.
+
+Decoding policy (the same for every file-backed dataset, and the reason for each choice):
+- Files are listed by extension (.jpg .jpeg .png .bmp .webp .tif .tiff .gif, any case); other files and
+  hidden entries (names starting with ".", e.g. macOS `._x.jpg` resource forks and `.DS_Store`) are
+  ignored while listing. A file with an image extension that does not decode raises `CorruptImageError`
+  when loaded, so a writer can count and list it instead of silently dropping it.
+- Pixels are decoded eagerly (`Image.load()`), and PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at
+  False, so truncated JPEG/PNG files are errors rather than grey-padded images.
+- Grey, palette, CMYK, YCbCr and bilevel images go through PIL's `convert("RGB")` (what torchvision's
+  ImageFolder loader does, so features match reference pipelines).
+- Images with an alpha channel (RGBA, LA, PA, palette/grey/RGB with a transparency key) are composited
+  onto white: the colour stored under fully transparent pixels is arbitrary (often black), and white is
+  how such images are displayed. Dropping alpha instead would differ only for transparent images.
+- 16-bit (and 32-bit integer) grey images are scaled from [0, 65535] to [0, 255] (v / 257, rounded);
+  PIL's own conversion would clip everything above 255 to white. Float ("F") images are taken as [0, 1].
+- EXIF orientation is not applied, as in torchvision's ImageFolder, so features match reference code.
+
+`canonical_image` is the store's image transform (ARCHITECTURE.md "the canonical real image").
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+
+class CorruptImageError(Exception):
+    """A file with an image extension that cannot be decoded (truncated, corrupt, not an image).
+
+    `reason` is a short human-readable string; writers record it next to the sample id.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a decoded PIL image of any common mode to 8-bit RGB (policy in the module docstring)."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image_file(path: str | os.PathLike) -> Image.Image:
+    """Read and fully decode an image file to RGB; any failure raises `CorruptImageError(reason)`."""
+    try:
+        # Reading the bytes first keeps no file handle open after decoding (PIL keeps multi-frame
+        # files such as GIF/TIFF open lazily), which matters with thousands of files per worker.
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CorruptImageError(f"unreadable file: {short_error(exc)}") from None
+    if not data:
+        raise CorruptImageError("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise CorruptImageError("not an image (PIL cannot identify the format)") from None
+    except Image.DecompressionBombError as exc:
+        raise CorruptImageError(f"image too large to decode safely: {short_error(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure on an untrusted file means "broken file"
+        raise CorruptImageError(f"corrupt or truncated image header: {short_error(exc)}") from None
+    try:
+        image.load()  # forces the full decode: truncated data raises here
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptImageError(f"truncated or corrupt {image.format or 'image'}: {short_error(exc)}") from None
+    try:
+        return to_rgb(image)
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptImageError(f"cannot convert {image.mode} image to RGB: {short_error(exc)}") from None
+
+
+def canonical_image(image: Image.Image, resize_size: int) -> torch.Tensor:
+    """The canonical real image: float32 [3, R, R] in [0, 1], R = `resize_size`.
+
+    Shorter side resized to R with bicubic antialiased interpolation, then the centre R x R crop.
+    Implemented with torchvision.transforms.v2.functional on the PIL image, which dispatches to PIL's
+    resize (bicubic with an antialiasing support window) and rounds to uint8 before scaling to [0, 1]:
+    byte-for-byte the `Resize(R, BICUBIC) + CenterCrop(R) + ToTensor()` eval transform that DINOv2,
+    timm and the LGM code apply to PIL images, so stored features match those pipelines.
+    """
+    if resize_size <= 0:
+        raise ValueError(f"resize_size must be positive, got {resize_size}")
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    resized = TF.resize(image, [resize_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    cropped = TF.center_crop(resized, [resize_size, resize_size])
+    return pil_to_float_tensor(cropped)
+
+
+def describe_canonical(resize_size: int) -> str:
+    """One line for store attributes: how real images were turned into canonical tensors."""
+    return (f"RGB (alpha composited on white, 16-bit scaled), shorter side resized to {resize_size} "
+            f"(PIL bicubic, antialiased), centre crop {resize_size}x{resize_size}, float32 in [0, 1]")
+
+
+def pil_to_float_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [0, 1] (the default transform: no resizing).
+
+    Divides by 255 as torchvision's ToTensor does (v2's to_dtype multiplies by 1/255, which differs
+    in the last bit), so tensors are bit-identical to the classic eval pipeline's.
+    """
+    return TF.pil_to_tensor(image).to(torch.float32).div_(255)

@@ -1,0 +1,209 @@
+"""The feature store's schema, in one place: layout, attributes, array specifications, and the checks
+that keep one store from mixing datasets, weights or settings. Readers (`featurestore.store`), the
+writer (`featurestore.build`) and `fs info` all use these names.
+
+Layout (schema version 1; the README documents it as a public format)::
+
+    <store>/                      root group; attrs: schema_version, format, tool_version,
+                                  dataset {name, root, limit_per_class}, class_names
+      <backbone>/                 one group per backbone (registry name)
+        <split>/                  one group per split; attrs below
+          features                float16 (or float32) [N, D], or [N, K, D] with K views; fill NaN
+          labels                  int64 [N]; -1 marks a skipped (undecodable) sample
+          sample_ids              string [N]: path relative to the dataset root, or "<index>"
+          class_count             int64 [C]
+          class_mean              float32 [C, D]  (0 for an empty class)
+          class_sq_mean           float32 [C, D]  diagonal second moment E[x^2]
+          class_second_moment     float32 [C, D, D]  E[x x^T], only with --full-cov
+          unit_done               uint8 [U]: completion marker of each work unit, written last
+          unit_count              int64 [U, C]        per-unit partial statistics, so resumed and
+          unit_sum                float64 [U, C, D]   multi-process builds merge exactly (by addition
+          unit_sqsum              float64 [U, C, D]   in unit order, independent of who computed what)
+          unit_outer              float64 [U, C, D, D]  (only with --full-cov)
+          unit_skipped            string [U]: JSON list of [row, reason] for the unit's skipped samples
+
+Split-group attributes: `backbone` (Backbone.describe(): spec, fingerprint, normalization, resolution,
+weights path), `transform`, `num_images`, `num_classes`, `dim`, `views`, `dtype`, `chunk_rows`,
+`num_units`, `full_cov`, `seed`, `empty_classes`, `complete`; once complete also `num_valid`,
+`num_skipped`, `skipped` ([{sample_id, reason}]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from .augment import AugmentConfig
+from .backbones import Backbone
+from .datasets import ImageDataset, canonical_name, describe_canonical
+from .errors import StoreError
+from .runtime import tool_version
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "probe-distill feature store"
+
+FEATURES = "features"
+LABELS = "labels"
+SAMPLE_IDS = "sample_ids"
+CLASS_COUNT = "class_count"
+CLASS_MEAN = "class_mean"
+CLASS_SQ_MEAN = "class_sq_mean"
+CLASS_SECOND_MOMENT = "class_second_moment"
+UNIT_DONE = "unit_done"
+UNIT_COUNT = "unit_count"
+UNIT_SUM = "unit_sum"
+UNIT_SQSUM = "unit_sqsum"
+UNIT_OUTER = "unit_outer"
+UNIT_SKIPPED = "unit_skipped"
+
+SKIPPED_LABEL = -1
+
+DEFAULT_CHUNK_ROWS = 1024
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+DTYPE_FLAGS = {"float16": "fp16", "float32": "fp32"}
+
+
+def unit_rows(unit: int, chunk_rows: int, n: int) -> tuple[int, int]:
+    """[start, stop) rows of work unit `unit` (the last unit may be short)."""
+    start = unit * chunk_rows
+    return start, min(n, start + chunk_rows)
+
+
+def samples_digest(ds: ImageDataset) -> str:
+    """Identity of a split's content: its sample ids and labels, hashed."""
+    h = hashlib.sha256()
+    h.update("\n".join(ds.sample_ids).encode())
+    h.update(np.ascontiguousarray(ds.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_identity(ds: ImageDataset) -> dict[str, Any]:
+    """What a store records about its dataset (root attribute `dataset`)."""
+    return {"name": ds.name, "root": ds.root, "limit_per_class": ds.limit_per_class}
+
+
+def split_attrs(ds: ImageDataset, backbone: Backbone, *, views: int, dtype: str, full_cov: bool,
+                chunk_rows: int, seed: int) -> dict[str, Any]:
+    """The attributes of a new split group (see the module docstring)."""
+    n = len(ds)
+    transform: dict[str, Any] = {
+        "canonical": describe_canonical(backbone.resize_size),
+        "view0": f"centre crop {backbone.image_size}x{backbone.image_size} of the canonical image",
+    }
+    if views > 1:
+        transform["augmented_views"] = (
+            f"views 1..{views - 1}: featurestore.augment.augment(canonical, {backbone.image_size}, gen) with "
+            f"gen seeded by blake2b('{{seed}}:{{index}}:{{view}}') (seed {seed})")
+        transform["augment_config"] = AugmentConfig().to_json()
+    return {
+        "backbone": backbone.describe(),
+        "split": ds.split,
+        "dataset": dataset_identity(ds),
+        "transform": transform,
+        "num_images": n,
+        "num_classes": ds.num_classes,
+        "dim": backbone.dim,
+        "views": views,
+        "dtype": np.dtype(DTYPES[dtype]).name,
+        "chunk_rows": chunk_rows,
+        "num_units": -(-n // chunk_rows),
+        "full_cov": full_cov,
+        "seed": seed,
+        "samples_digest": samples_digest(ds),
+        "empty_classes": ds.empty_classes,
+        "class_statistics": "over view 0, from the float32 backbone output before the cast to dtype, "
+                            "accumulated in float64 per unit and merged by addition in unit order",
+        "complete": False,
+    }
+
+
+def check_backbone_compatible(where: str, old_bb: dict[str, Any], new_bb: dict[str, Any]) -> None:
+    """Same registry name is not enough: the fingerprint (weights + spec) and resolution must match."""
+    if old_bb["fingerprint"] != new_bb["fingerprint"]:
+        raise StoreError(f"{where} was built with a different backbone (fingerprint {old_bb['fingerprint']}, "
+                         f"weights {old_bb.get('weights_path')}) than this one ({new_bb['fingerprint']}, "
+                         f"weights {new_bb.get('weights_path')}): use another --store")
+    if old_bb["image_size"] != new_bb["image_size"] or old_bb["resize_size"] != new_bb["resize_size"]:
+        raise StoreError(f"{where} was built at {old_bb['image_size']} px, this build asks for "
+                         f"{new_bb['image_size']} px: pass --image-size {old_bb['image_size']} or use another --store")
+
+
+def check_split_compatible(where: str, existing: dict[str, Any], wanted: dict[str, Any],
+                            chunk_rows_explicit: bool) -> None:
+    """Refuse (StoreError, nothing written) to continue a split built with different settings."""
+    check_backbone_compatible(where, existing["backbone"], wanted["backbone"])
+    checks = [("views", "--views"), ("dtype", "--dtype"), ("full_cov", "--full-cov")]
+    if wanted["views"] > 1:
+        checks.append(("seed", "--seed"))
+    if chunk_rows_explicit:
+        checks.append(("chunk_rows", "--chunk-rows"))
+    for key, flag in checks:
+        if existing.get(key) != wanted[key]:
+            old, new = existing.get(key), wanted[key]
+            if key == "dtype":
+                old, new = (DTYPE_FLAGS.get(str(v), v) for v in (old, new))
+            raise StoreError(f"{where} was built with {flag} {old} (asked: {new}): repeat the "
+                             f"original options, or use another --store")
+    if existing["num_images"] != wanted["num_images"] or existing.get("samples_digest") != wanted["samples_digest"]:
+        raise StoreError(f"{where} holds {existing['num_images']} samples but the dataset now lists "
+                         f"{wanted['num_images']} (or different files): the source images changed since "
+                         f"the store was built; use another --store")
+
+
+def array_specs(attrs: dict[str, Any], num_classes: int) -> dict[str, dict[str, Any]]:
+    n, d, k, r, u = (attrs["num_images"], attrs["dim"], attrs["views"], attrs["chunk_rows"], attrs["num_units"])
+    c = num_classes
+    feat_shape, feat_chunks = ((n, d), (r, d)) if k == 1 else ((n, k, d), (r, k, d))
+    specs: dict[str, dict[str, Any]] = {
+        # Dense float embeddings barely compress (x1.06-1.12): no codec keeps writing cheap.
+        FEATURES: dict(shape=feat_shape, chunks=feat_chunks, dtype=attrs["dtype"], fill_value=np.nan,
+                              compressors=None),
+        LABELS: dict(shape=(n,), chunks=(r,), dtype="int64", fill_value=SKIPPED_LABEL),
+        SAMPLE_IDS: dict(shape=(n,), chunks=(r,), dtype=str, fill_value=""),
+        UNIT_DONE: dict(shape=(u,), chunks=(1,), dtype="uint8", fill_value=0),
+        UNIT_COUNT: dict(shape=(u, c), chunks=(1, c), dtype="int64", fill_value=0),
+        # One chunk per (unit, class): a unit writes only the classes it saw (zero chunks are not stored).
+        UNIT_SUM: dict(shape=(u, c, d), chunks=(1, 1, d), dtype="float64", fill_value=0.0),
+        UNIT_SQSUM: dict(shape=(u, c, d), chunks=(1, 1, d), dtype="float64", fill_value=0.0),
+        UNIT_SKIPPED: dict(shape=(u,), chunks=(1,), dtype=str, fill_value=""),
+        CLASS_COUNT: dict(shape=(c,), chunks=(c,), dtype="int64", fill_value=-1),
+        CLASS_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),
+        CLASS_SQ_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),
+    }
+    if attrs["full_cov"]:
+        specs[UNIT_OUTER] = dict(shape=(u, c, d, d), chunks=(1, 1, d, d), dtype="float64", fill_value=0.0)
+        specs[CLASS_SECOND_MOMENT] = dict(shape=(c, d, d), chunks=(1, d, d), dtype="float32",
+                                                 fill_value=np.nan)
+    return specs
+
+
+def root_attrs(ds: ImageDataset) -> dict[str, Any]:
+    """The attributes of a new store's root group."""
+    return {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": tool_version(),
+        "dataset": dataset_identity(ds),
+        "class_names": list(ds.class_names),
+    }
+
+
+def check_root_compatible(path: str, meta: dict[str, Any], ds: ImageDataset) -> None:
+    """Refuse (StoreError) to add a split of another dataset, root or limit to an existing store."""
+    attrs = meta["attributes"]
+    stored, wanted = dict(attrs.get("dataset", {})), dataset_identity(ds)
+    try:  # a store built under a dataset's former name (an alias) holds the same dataset
+        stored["name"] = canonical_name(stored.get("name"))
+    except Exception:  # noqa: BLE001 - an unknown name simply differs, below
+        pass
+    for key, flag in (("name", "DATASET"), ("root", "--data-root"), ("limit_per_class", "--limit-per-class")):
+        if stored.get(key) != wanted[key]:
+            raise StoreError(f"store {path} holds dataset {stored.get('name')} (root {stored.get('root')}, "
+                             f"limit per class {stored.get('limit_per_class')}); this build is for "
+                             f"{wanted['name']} (root {wanted['root']}, limit per class "
+                             f"{wanted['limit_per_class']}): differing {flag}; use another --store")
+    if list(attrs.get("class_names", [])) != list(ds.class_names):
+        raise StoreError(f"store {path} lists different class names than dataset {ds.name} now has: "
+                         f"the class folders changed; use another --store")
