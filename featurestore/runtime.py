@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -21,6 +26,54 @@ def pick_device(device: str | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
     return dev
+
+
+LOCK_FILE = ".lock"
+
+
+class LockedError(UserError):
+    """Another live process holds the lock of a store or an output directory."""
+
+
+@contextmanager
+def exclusive_lock(directory: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on `directory` (created if missing) for the block: `flock` on
+    `directory/.lock`, released by the kernel when the process dies, so a killed run never leaves a stale
+    lock. A second holder gets LockedError naming the first (pid, host, start time, command)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            raise LockedError(f"{what} {directory} is in use by another process ({holder}): wait for it to "
+                              f"finish, or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n").encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def is_locked(directory: str | os.PathLike) -> str | None:
+    """The holder's description when another process holds `directory`'s lock, else None (never blocks,
+    writes nothing)."""
+    path = Path(directory) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+    finally:
+        os.close(fd)
+    return None
 
 
 def require_new_dir(path: str | os.PathLike, hint: str = "choose a new directory or remove it",

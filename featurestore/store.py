@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -322,6 +322,25 @@ class StoreSplit:
         ds = self.store.attrs["dataset"]
         return open_dataset(ds["name"], root=ds.get("root"), split=self.split_name,
                             limit_per_class=ds.get("limit_per_class"))
+
+    def source(self, rows: "Sequence[int] | np.ndarray | torch.Tensor") -> tuple[Any, list[int]]:
+        """(the reopened source dataset, the dataset index of each store row in `rows`), matched by sample
+        id, never by position: if files were added or removed since the build, every row still finds its
+        own image. A row whose image is gone raises StoreError (one line)."""
+        dataset = self.dataset()
+        ids = self.sample_ids()
+        where = {sample_id: index for index, sample_id in enumerate(dataset.sample_ids)}
+        out, missing = [], []
+        for row in (rows.tolist() if hasattr(rows, "tolist") else list(rows)):
+            index = where.get(ids[int(row)])
+            if index is None:
+                missing.append(ids[int(row)])
+            out.append(index)
+        if missing:
+            raise StoreError(f"{len(missing)} image(s) of {self.backbone}/{self.split_name} are no longer in the "
+                             f"source (e.g. {missing[0]!r}): the images changed since the store was built; "
+                             f"rebuild the store")
+        return dataset, out
 
 
 class FeatureStore:
