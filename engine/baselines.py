@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from featurestore.augment import resize
 from featurestore.errors import StoreError, UserError
 from featurestore.options import option
-from featurestore.runtime import atomic_write_json, pick_device, require_new_dir
+from featurestore.progress import progress
+from featurestore.runtime import atomic_write_json, pick_device, require_new_dir, require_writable, temp_dir_beside
 from featurestore.store import open_store
 
 BASELINE_KINDS: tuple[str, ...] = ("random", "centroid", "neighbors")
@@ -111,7 +109,7 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
     """Build a baseline image set in `out` (`options`: the fields of `BaselineConfig`); returns the content
     of `baseline.json`."""
     from engine.evaluate import embed_views, read_image_set
-    from engine.imagefolder import write_imagefolder
+    from engine.imagefolder import class_folder_names, write_imagefolder
     from engine.outputs import save_grid
     from featurestore.datasets import canonical_image
 
@@ -128,8 +126,12 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
     if ipc < 1:
         raise UserError(f"--ipc must be at least 1, got {ipc}")
     out = require_new_dir(out)
+    require_writable(out)
     store = open_store(store)
     split = store.split(backbone, "train")
+    if split.num_valid == 0:
+        raise StoreError(f"{split.backbone}/train of {store.path} has no usable rows (every sample was skipped): "
+                         f"no real image to pick")
     num_classes = store.num_classes
     data = split.load(view=0)
     labels = data.labels.numpy()
@@ -137,7 +139,7 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
 
     record: dict = {"kind": kind, "store": str(store.path), "dataset": store.dataset, "backbone": split.backbone,
                     "split": "train", "fingerprint": split.fingerprint, "resize_size": split.resize_size,
-                    "class_names": store.class_names}
+                    "class_names": store.class_names, "class_folders": class_folder_names(store.class_names)}
     # Each pick: (class, position into `data`, extra fields for baseline.json)
     picks: list[tuple[int, int, dict]] = []
     if kind == "random":
@@ -159,27 +161,23 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
                   for k, (c, p, s) in enumerate(zip(query_labels, pos, cos))]
 
     sample_ids = split.sample_ids()
-    dataset = split.dataset()
-    if len(dataset) != split.n:
-        raise StoreError(f"the source of {split.backbone}/train now has {len(dataset)} images, the store "
-                         f"{split.n}: the images changed since the store was built; rebuild the store")
+    # Real pixels are found in the source by sample id, never by position.
+    dataset, source_index = split.source([int(rows[p]) for _, p, _ in picks])
     tensors, out_labels = [], []
     per_class: dict[str, list[dict]] = {name: [] for name in store.class_names}
-    for c, p, extra in tqdm(picks, desc=f"{kind} baseline", unit="img", disable=quiet, leave=False):
+    bar = progress(len(picks), f"{kind} baseline", "img", disable=quiet)
+    for (c, p, extra), index in zip(picks, source_index):
         row = int(rows[p])
-        if str(dataset.sample_ids[row]) != sample_ids[row]:
-            raise StoreError(f"sample {row} of the source is {dataset.sample_ids[row]!r}, the store says "
-                             f"{sample_ids[row]!r}: the images changed since the store was built; rebuild it")
-        tensors.append(canonical_image(dataset.load_image(row), split.resize_size))
+        tensors.append(canonical_image(dataset.load_image(index), split.resize_size))
+        bar.update(1)
         out_labels.append(c)
         per_class[store.class_names[c]].append({"sample_id": sample_ids[row], "row": row, **extra})
+    bar.close()
     record["num_images"] = len(tensors)
     record["picks"] = per_class
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
         images_t, labels_t = torch.stack(tensors), torch.tensor(out_labels)
         write_imagefolder(tmp / "images", images_t, labels_t, store.class_names)
         save_grid(tmp / "grid.png", images_t, labels_t, store.class_names)

@@ -35,13 +35,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from engine.probe import MAX_BATCH, ProbeRecipe, probes_accuracy, train_probes
 from featurestore.augment import AugmentConfig, AugmentParams, apply_params, center_crop, resize, sample_params
 from featurestore.backbones import Backbone
 from featurestore.errors import UserError
 from featurestore.options import option
+from featurestore.progress import progress
 from featurestore.runtime import atomic_write_bytes, atomic_write_json, pick_device
 from featurestore.store import open_store
 
@@ -51,6 +51,8 @@ EVAL_AUGMENT = AugmentConfig(noise_p=0.0)
 DEFAULT_VIEWS = 100
 FULL_BATCH = 256  # full-data probe
 FULL_ROW = "full"
+# Files that mark a distill or baseline output directory (its images are in images/).
+RUN_MARKERS = ("config.json", "baseline.json", "distilled.safetensors")
 _EMBED_BATCH = 128
 
 
@@ -60,7 +62,7 @@ _EMBED_BATCH = 128
 
 @torch.no_grad()
 def embed_views(backbone: Backbone, images: torch.Tensor, views: int, generator: torch.Generator | None,
-                progress: tqdm | None = None) -> torch.Tensor:
+                bar: Any = None) -> torch.Tensor:
     """Features [V, N, D] of `views` augmented views (flip + RRC) of images [N, 3, R, R].
 
     `generator=None` gives the single centre-crop view (V must be 1). The parameters of all V x N views
@@ -84,8 +86,8 @@ def embed_views(backbone: Backbone, images: torch.Tensor, views: int, generator:
                                 noise_seed=params.noise_seed)
             x = apply_params(chunk, sub, backbone.image_size, EVAL_AUGMENT)
         out[start:stop] = backbone.embed(x)
-        if progress is not None:
-            progress.update(stop - start)
+        if bar is not None:
+            bar.update(stop - start)
     return out.view(views, n, backbone.dim)
 
 
@@ -109,10 +111,9 @@ def resolve_image_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"--images {p}: no such directory")
     nested = p / "images"
     if nested.is_dir():
-        run_markers = ("config.json", "baseline.json", "distilled.safetensors")
         other_dirs = [c for c in p.iterdir() if c.is_dir() and c.name not in ("images", "eval")
                       and not c.name.startswith(".")]
-        if any((p / m).is_file() for m in run_markers) or not other_dirs:
+        if any((p / m).is_file() for m in RUN_MARKERS) or not other_dirs:
             return nested
     return p
 
@@ -270,8 +271,8 @@ def evaluate_full(store, backbone: str, epochs: int = EvalConfig.full_epochs, se
     val = store.split(backbone, "val").load(view=0, device=dev)
     recipe = ProbeRecipe(epochs=epochs, batch_size=FULL_BATCH)
     seed_list = _seed_list(seeds)
-    with tqdm(total=epochs, desc=f"full probe {backbone} ({len(seed_list)} seeds)", unit="epoch",
-              disable=quiet, leave=False) as bar:
+    with progress(epochs, f"full probe {backbone} ({len(seed_list)} seeds)", "epoch", disable=quiet,
+                  leave=False) as bar:
         gens = [torch.Generator().manual_seed(seed) for seed in seed_list]
         probes = train_probes(train.features, train.labels, store.num_classes, recipe, gens, bar)
     accs = probes_accuracy(probes, val.features, val.labels)
@@ -287,10 +288,10 @@ def view_pool_seed(seeds: Sequence[int]) -> int:
 def _evaluate_set(model: Backbone, images: torch.Tensor, labels: torch.Tensor, val, num_classes: int,
                   seeds: list[int], n_views: int, recipe: ProbeRecipe, desc: str, quiet: bool) -> CellResult:
     n = images.shape[0]
-    with tqdm(total=n_views * n, desc=f"{desc}: views", unit="img", disable=quiet, leave=False) as bar:
+    with progress(n_views * n, f"{desc}: views", "img", disable=quiet, leave=False) as bar:
         feats = embed_views(model, images, n_views, torch.Generator().manual_seed(view_pool_seed(seeds)), bar)
-    with tqdm(total=recipe.epochs, desc=f"{desc}: probe ({len(seeds)} seeds)", unit="epoch", disable=quiet,
-              leave=False) as bar:
+    with progress(recipe.epochs, f"{desc}: probe ({len(seeds)} seeds)", "epoch", disable=quiet,
+                  leave=False) as bar:
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
         probes = train_probes(feats, labels, num_classes, recipe, gens, bar)
     accs = probes_accuracy(probes, val.features, val.labels)
@@ -313,13 +314,19 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
     seed_list = _seed_list(seeds)
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
+    if full and full_epochs < 1:
+        raise UserError(f"--full-epochs must be at least 1, got {full_epochs} (an untrained probe is no upper bound)")
+    if views is not None and views < 1:
+        raise UserError(f"--views must be at least 1, got {views}")
     n_views = min(epochs, DEFAULT_VIEWS) if views is None else max(1, min(views, epochs))
     recipe = ProbeRecipe(epochs=epochs)
-    # Validate everything before the long work: every backbone has train/val, every set reads.
+    # Validate everything before the long work: every backbone has usable train/val rows, every set reads.
     for b in backbones:
-        store.split(b, "val")
-        if full:
-            store.split(b, "train")
+        for name in ("val", "train") if full else ("val",):
+            split = store.split(b, name)
+            if split.num_valid == 0:
+                raise UserError(f"{split.backbone}/{name} of {store.path} has no usable rows (every sample was "
+                                f"skipped): nothing to {'test on' if name == 'val' else 'train the full probe on'}")
     loaded = {name: read_image_set(path, store.class_names) for name, path in image_sets.items()}
 
     result = EvalResult(backbones=list(backbones))
@@ -358,8 +365,12 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
 
 
 def default_out_dir(image_dirs: Sequence[str | os.PathLike]) -> Path:
-    """Where `engine eval` writes without --out: next to a single set (`<parent>/eval`), else `./eval`."""
+    """Where `engine eval` writes without --out: a distill/baseline run's own `eval/` folder for one run,
+    `eval-<set>/` next to one plain image folder (so two sets in one folder keep their own results), and
+    `./eval` for several sets."""
     if len(image_dirs) == 1:
-        return resolve_image_dir(image_dirs[0]).parent / "eval"
+        root = resolve_image_dir(image_dirs[0])
+        if root.name == "images" and any((root.parent / m).is_file() for m in RUN_MARKERS):
+            return root.parent / "eval"  # the images of a distill/baseline run: the run's own folder
+        return root.parent / f"eval-{root.name}"
     return Path("eval")
-

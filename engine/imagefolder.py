@@ -12,11 +12,11 @@ maps folders back to class indices through the same function.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -26,15 +26,25 @@ from PIL import Image
 from torch import Tensor
 
 from featurestore.errors import UserError
+from featurestore.runtime import temp_dir_beside
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+\- ()\[\],]")
 
 
+# File systems refuse names over 255 bytes; a class name can be longer (ImageNet-21k glosses, captions used as
+# labels). Longer names are cut and given a hash of the full name, so they stay distinct and stable; the
+# full names are kept in the run's metadata (config.json, baseline.json, distilled.safetensors).
+MAX_FOLDER_CHARS = 100
+
+
 def class_folder_name(name: str) -> str:
     """A file-system-safe folder name for a class name (stable: the same name always maps the same)."""
-    safe = _UNSAFE.sub("_", name).strip(" .")
-    return safe or "_"
+    safe = _UNSAFE.sub("_", name).strip(" .") or "_"
+    if len(safe) > MAX_FOLDER_CHARS:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        safe = f"{safe[:MAX_FOLDER_CHARS - 9].rstrip(' .')}~{digest}"
+    return safe
 
 
 def class_folder_names(class_names: Sequence[str]) -> list[str]:
@@ -78,8 +88,7 @@ def write_imagefolder(out_dir: str | os.PathLike, images: Tensor, labels: Tensor
         raise ValueError(f"labels must be in [0, {len(class_names)})")
     folders = class_folder_names(class_names)
     pixels = to_uint8(images)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     counts: dict[int, int] = {}
     relative: list[Path] = []
     try:

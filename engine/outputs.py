@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,8 +15,9 @@ from torch import Tensor
 
 from featurestore.runtime import atomic_write_bytes
 
-# A grid of 1000 classes x 50 images would be an unreadable (and huge) figure: show at most this many.
-GRID_MAX_CLASSES = 50
+# A page of the grid shows at most this many classes (each with at most GRID_MAX_PER_CLASS images): 100
+# labelled tiles stay readable; 1000 would be a poster of unreadable thumbnails.
+GRID_MAX_CLASSES = 100
 GRID_MAX_PER_CLASS = 10
 
 
@@ -47,35 +49,80 @@ def _figure_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
-def save_grid(path: str | os.PathLike, images: Tensor, labels: Tensor, class_names: Sequence[str]) -> None:
-    """A labelled grid: one row per class (its name on the left), its images left to right."""
+def grid_columns(num_classes: int, per_class: int) -> int:
+    """How many class groups (each `per_class` images wide) side by side make a near-square grid."""
+    cells = num_classes * per_class
+    return max(1, min(num_classes, round(math.sqrt(cells) / per_class)))
+
+
+def grid_pages(classes: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+    """(the classes of the overview page, the pages holding every class). Up to GRID_MAX_CLASSES classes:
+    one page with all of them. More: the overview samples GRID_MAX_CLASSES classes evenly, and every class
+    appears on exactly one of the pages."""
+    classes = list(classes)
+    if len(classes) <= GRID_MAX_CLASSES:
+        return classes, [classes]
+    picks = sorted({int(round(x)) for x in torch.linspace(0, len(classes) - 1, GRID_MAX_CLASSES).tolist()})
+    pages = [classes[i:i + GRID_MAX_CLASSES] for i in range(0, len(classes), GRID_MAX_CLASSES)]
+    return [classes[i] for i in picks], pages
+
+
+def _render_grid(classes: Sequence[int], per_class_index: dict[int, list[int]], pixels, class_names: Sequence[str],
+                 title: str | None):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    width = max(len(per_class_index[c]) for c in classes)
+    groups = grid_columns(len(classes), width)
+    rows = math.ceil(len(classes) / groups)
+    cell = 1.25 if width * groups <= 12 else 1.0
+    fig, axes = plt.subplots(rows, groups * width, figsize=(cell * groups * width, (cell + 0.25) * rows),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for slot, c in enumerate(classes):
+        r, g = divmod(slot, groups)
+        for k, index in enumerate(per_class_index[c]):
+            ax = axes[r][g * width + k]
+            ax.imshow(pixels[index], interpolation="nearest")
+        name = class_names[c]
+        label = name if len(name) <= 22 else name[:21] + "…"
+        axes[r][g * width].set_title(label, fontsize=7, loc="left", pad=2)
+    height = (cell + 0.25) * rows
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.05 / height)
+    fig.subplots_adjust(wspace=0.04, hspace=0.35, top=1 - 0.45 / height if title else 0.95)
+    return fig
+
+
+def save_grid(path: str | os.PathLike, images: Tensor, labels: Tensor, class_names: Sequence[str]) -> None:
+    """The images as a labelled, near-square grid of classes (each class: its first GRID_MAX_PER_CLASS
+    images side by side, its name above). With more than GRID_MAX_CLASSES classes, `path` is an overview of
+    classes sampled evenly and `<stem>-pages/page-NNN.png` hold every class."""
+    import matplotlib.pyplot as plt
+
     labels_list = labels.tolist()
-    classes = sorted(set(labels_list))[:GRID_MAX_CLASSES]
-    per_class = {c: [i for i, v in enumerate(labels_list) if v == c][:GRID_MAX_PER_CLASS] for c in classes}
-    cols = max(len(v) for v in per_class.values())
-    cell = 1.3
-    fig, axes = plt.subplots(len(classes), cols, figsize=(cell * cols + 2.2, cell * len(classes)), squeeze=False)
+    classes = sorted(set(labels_list))
+    per_class_index = {c: [] for c in classes}
+    for i, v in enumerate(labels_list):
+        if len(per_class_index[v]) < GRID_MAX_PER_CLASS:
+            per_class_index[v].append(i)
     pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    for r, c in enumerate(classes):
-        for k in range(cols):
-            ax = axes[r][k]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if k < len(per_class[c]):
-                ax.imshow(pixels[per_class[c][k]], interpolation="nearest")
-        axes[r][0].set_ylabel(class_names[c], rotation=0, ha="right", va="center", fontsize=8)
-    fig.subplots_adjust(wspace=0.05, hspace=0.05)
-    try:
-        atomic_write_bytes(path, _figure_bytes(fig))
-    finally:
-        plt.close(fig)
+    overview, pages = grid_pages(classes)
+    path = Path(path)
+    outputs = [(path, overview, None if len(pages) == 1 else
+                f"{len(overview)} of {len(classes)} classes (all classes: {path.stem}-pages/)")]
+    if len(pages) > 1:
+        outputs += [(path.parent / f"{path.stem}-pages" / f"page-{n + 1:03d}.png", page,
+                     f"classes {page[0]}..{page[-1]} (page {n + 1} of {len(pages)})") for n, page in enumerate(pages)]
+    for target, page_classes, title in outputs:
+        fig = _render_grid(page_classes, per_class_index, pixels, class_names, title)
+        try:
+            atomic_write_bytes(target, _figure_bytes(fig))
+        finally:
+            plt.close(fig)
 
 
 def save_loss_plot(path: str | os.PathLike, metrics: Sequence[dict[str, Any]], title: str) -> None:

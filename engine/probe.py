@@ -10,10 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 BASE_LR = 1e-3  # at batch size 256 (lr = BASE_LR * bs / 256)
 MAX_BATCH = 100  # image-set probes: bs = min(100, N)
@@ -71,7 +70,7 @@ def _cpu_threads(n_threads: int | None):
 
 
 def train_probes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, recipe: ProbeRecipe,
-                 generators: Sequence[torch.Generator], progress: tqdm | None = None,
+                 generators: Sequence[torch.Generator], progress: Any = None,
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> LinearProbes:
     """Train one fresh linear head per generator (seed), all at once, on shared labels [N].
 
@@ -110,7 +109,7 @@ def train_probes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 def _adam_loop(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                recipe: ProbeRecipe, generators: Sequence[torch.Generator], bs: int, lr: float,
-               adam_betas: tuple[float, float], adam_eps: float, progress: tqdm | None) -> None:
+               adam_betas: tuple[float, float], adam_eps: float, progress: Any) -> None:
     """Mini-batch Adam on (weight [S, C, D], bias [S, C]) in place; see `train_probes`."""
     n_seeds, n_views, n, _ = features.shape
     device = features.device

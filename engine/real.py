@@ -91,8 +91,8 @@ class ImageRealSource:
     def __init__(self, dataset, rows: Tensor, labels: Tensor, backbone, *, batch: int | None,
                  augment_images: bool = True, augment_config: AugmentConfig = AugmentConfig(),
                  forward_batch: int = 64, cache_bytes: int = 1 << 30) -> None:
-        """dataset: an ImageDataset; rows: dataset indices of the usable samples (SplitData.rows), in the
-        same order as the store source's rows; labels: their labels."""
+        """dataset: an ImageDataset; rows: dataset indices of the usable samples, in the same order as the
+        store source's rows; labels: their labels."""
         self.dataset = dataset
         self.rows = rows.cpu().to(torch.int64)
         self.device = backbone.device
@@ -108,8 +108,12 @@ class ImageRealSource:
 
     @classmethod
     def from_split(cls, split, backbone, *, batch: int | None, augment_images: bool = True) -> "ImageRealSource":
+        """Real images of a store split, found in its source by sample id (a source folder that changed
+        since the build cannot swap images between rows)."""
         data = split.load(view=0)
-        return cls(split.dataset(), data.rows, data.labels, backbone, batch=batch, augment_images=augment_images)
+        dataset, indices = split.source(data.rows)
+        return cls(dataset, torch.tensor(indices, dtype=torch.int64), data.labels, backbone, batch=batch,
+                   augment_images=augment_images)
 
     def _canonical(self, row: int) -> Tensor:
         if self._cache is not None and row in self._cache:

@@ -85,6 +85,36 @@ def require_new_dir(path: str | os.PathLike, hint: str = "choose a new directory
     return path
 
 
+def require_writable(path: str | os.PathLike, error: type[UserError] = UserError) -> None:
+    """Refuse (one line) a directory that could not be created or written: checked before heavy work, so
+    a run into a read-only place fails in a second, not after loading a store and a backbone."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise error(f"{path}: {probe} is a file, not a directory: choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise error(f"{path}: {probe} is not writable by this user: choose a writable path")
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new empty directory next to `path` (same file system, so it can be renamed into place), with
+    the permissions an ordinary `mkdir` would give (mkdtemp's are 0700, which would make the finished
+    output private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)
@@ -96,9 +126,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         # mkstemp creates 0600 files; give the result the usual umask-derived mode instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,12 @@
 """Checkpoints of a run: `checkpoint.pt` in the output directory, written every `checkpoint_every` steps,
-at the end and on Ctrl-C, to a temp file then renamed. A checkpoint resumes only a run that agrees on
-every option that defines the optimization problem (`RESUME_KEYS` and the objective's options)."""
+at the end and on Ctrl-C, to a temp file then renamed.
+
+A checkpoint holds only tensors and plain data (numbers, strings, lists, dicts) and is read with
+`torch.load(weights_only=True)`, whose unpickler refuses anything else: a crafted file cannot run code.
+It resumes only a run that agrees on every option that defines the optimization problem (`RESUME_KEYS`,
+the objective's options) and on the content of the store (fingerprint of the backbone, identity of the
+samples): a store rebuilt at the same path from other images is refused. The learning rate may change
+on resume (the way out of a diverged run); the change is recorded."""
 
 from __future__ import annotations
 
@@ -17,8 +23,9 @@ from featurestore.runtime import atomic_write_bytes
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
 # Options that define the optimization problem, besides the objective's own.
-RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "lr", "augs", "real_batch", "param", "init",
+RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "augs", "real_batch", "param", "init",
                "grow_every", "real_source", "augment", "seed", "weights", "image_size")
+_STATE_KEYS = ("format", "step", "run", "synthetic", "optimizer", "generators", "metrics")
 
 
 def store_id(store: str) -> str:
@@ -29,14 +36,21 @@ def store_id(store: str) -> str:
     return str(location.local_path.resolve()) if location.local_path is not None else location.url
 
 
-def run_identity(cfg: DistillConfig) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed by `cfg`."""
+def store_content(split) -> dict[str, Any]:
+    """What the store held for this run: the backbone's fingerprint and the identity of the samples."""
+    return {"fingerprint": split.fingerprint, "samples_digest": split.attrs.get("samples_digest"),
+            "rows": split.n, "num_classes": split.store.num_classes}
+
+
+def run_identity(cfg: DistillConfig, split) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by `cfg` on `split` (the store's real side)."""
     from dataclasses import asdict
 
     ident = {k: getattr(cfg, k) for k in RESUME_KEYS}
     ident["store"] = store_id(cfg.store)
     ident["real_batch"] = parse_real_batch(cfg.real_batch)
     ident["objective"] = asdict(objective_config(cfg.method, cfg.objective))
+    ident["store_content"] = store_content(split)
     return ident
 
 
@@ -50,13 +64,15 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(out / CHECKPOINT, checkpoint_bytes({"format": CHECKPOINT_FORMAT, **state}))
 
 
-def load_checkpoint(out: Path, cfg: DistillConfig) -> dict[str, Any]:
-    """The checkpoint in `out`, checked against `cfg`; DistillError (one line) when it cannot resume it."""
+def read_checkpoint(out: Path) -> dict[str, Any]:
+    """The checkpoint in `out`, read safely (tensors and plain data only) and checked for its format;
+    DistillError (one line) for anything else: a truncated, foreign or crafted file."""
     try:
-        state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a truncated/foreign file raises many types
-        raise DistillError(f"cannot read {out / CHECKPOINT} ({type(exc).__name__}: {exc}); "
-                           f"start a new run in another --out") from None
+        state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated/foreign/crafted file raises many types
+        reason = " ".join(str(exc).split())[:200]
+        raise DistillError(f"{out / CHECKPOINT} is not a readable probe-distill checkpoint ({type(exc).__name__}: "
+                           f"{reason}); start a new run in another --out") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         if isinstance(found, int) and found < CHECKPOINT_FORMAT:
@@ -64,9 +80,25 @@ def load_checkpoint(out: Path, cfg: DistillConfig) -> dict[str, Any]:
                                f"{found}, this one reads {CHECKPOINT_FORMAT}): it cannot be resumed; start a new "
                                f"run in another --out")
         raise DistillError(f"{out / CHECKPOINT} is not a probe-distill checkpoint of format {CHECKPOINT_FORMAT}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing or not isinstance(state["run"], dict) or not isinstance(state["step"], int):
+        raise DistillError(f"{out / CHECKPOINT} is damaged (missing or malformed: {', '.join(missing) or 'run/step'}); "
+                           f"start a new run in another --out")
+    return state
+
+
+def load_checkpoint(out: Path, cfg: DistillConfig, split) -> dict[str, Any]:
+    """The checkpoint in `out`, checked against `cfg` and the store split it will run on; DistillError
+    (one line) when it cannot resume it."""
+    state = read_checkpoint(out)
     saved = state["run"]
-    ours = run_identity(cfg)
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {ours.get(k)!r}" for k in ours if saved.get(k) != ours.get(k)]
+    ours = run_identity(cfg, split)
+    if saved.get("store_content") != ours["store_content"]:
+        raise DistillError(f"--resume: the store at {cfg.store} changed since the checkpoint in {out} was made "
+                           f"(it was {saved.get('store_content')}, it is now {ours['store_content']}): the run "
+                           f"cannot continue on other data; start a new run in another --out")
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {ours.get(k)!r}" for k in ours
+            if k != "store_content" and saved.get(k) != ours.get(k)]
     if diff:
         raise DistillError(f"--resume: the checkpoint in {out} was made with other options ({'; '.join(diff)}); "
                            f"use the same options, or a new --out")

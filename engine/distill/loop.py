@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,20 +44,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
+from engine.distill.backprop import SyntheticSide, free_memory, resolve_copies_per_pass
 from engine.distill.checkpoint import CHECKPOINT, load_checkpoint, run_identity, save_checkpoint, store_id
 from engine.distill.config import DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_real_batch
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
-from engine.distill.signals import DistillInterrupted, defer_sigint, stop_flags
+from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
-from engine.imagefolder import write_imagefolder
+from engine.imagefolder import class_folder_names, write_imagefolder
 from engine.objectives import Objective, get_objective
 from engine.outputs import append_metric, save_grid, save_loss_plot, save_safetensors, write_metrics
 from engine.parameterizations import SyntheticImages, make_synthetic, pyramid_full_step
 from engine.real import ImageRealSource, RealSource, StoreRealSource
 from featurestore.augment import AugmentConfig
+from featurestore.progress import progress
 from featurestore.distributed import DistContext, any_rank, contiguous_share, destroy, init_process_group_from_env
-from featurestore.runtime import atomic_write_json, require_new_dir, tool_version
+from featurestore.runtime import (LOCK_FILE, atomic_write_json, exclusive_lock, is_locked, require_new_dir,
+                                  require_writable, tool_version)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Run:
     metrics: list[dict[str, Any]]
     start_step: int
     resumed: bool
+    lr_history: list[dict[str, Any]]
     last_saved: int | None = None
 
     @property
@@ -105,8 +108,8 @@ class Run:
         if not self.main:  # every rank holds the same state; rank 0 writes it
             return
         save_checkpoint(self.out, {
-            "step": step, "run": run_identity(self.cfg), "synthetic": self.synthetic.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "step": step, "run": run_identity(self.cfg, self.split), "synthetic": self.synthetic.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "lr_history": self.lr_history,
             "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics})
         self.last_saved = step
 
@@ -116,49 +119,84 @@ def distill(cfg: DistillConfig) -> DistillResult:
     Under torchrun, every rank calls this and rank 0 writes."""
     cfg.validate()
     ctx = init_process_group_from_env(cfg.device)
-    try:
-        run = setup(cfg, ctx)
-        steps(run)
-        return finish(run)
-    finally:
-        destroy(ctx)
+    with ExitStack() as held:  # the output directory's lock, held by rank 0 until the outputs are written
+        try:
+            run = setup(cfg, ctx, held)
+            steps(run)
+            return finish(run)
+        finally:
+            destroy(ctx)
 
 
 # ----------------------------------------------------------------------------------------------------
 # setup
 
+# What a run writes before its first checkpoint: a directory holding only these (and no checkpoint) is a
+# run that died early, and the same command starts it again.
+_EARLY_FILES = frozenset({"config.json", "metrics.jsonl", LOCK_FILE})
 
-def check_out_dir(out: Path, resume: bool) -> None:
+
+def check_out_dir(out: Path, resume: bool) -> bool:
+    """Checks --out before anything is loaded; returns whether to resume from its checkpoint.
+
+    A directory another live run holds is refused (naming it); a directory that holds only the files of a
+    run that never checkpointed (killed, or a non-finite loss at the first steps) starts again, with or
+    without --resume; a directory that cannot be written is refused now, not after loading everything."""
+    holder = is_locked(out)
+    if holder is not None:
+        raise DistillError(f"--out {out} is in use by another run ({holder}): wait for it to finish, or "
+                           f"choose another --out")
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    abandoned = bool(entries) and entries <= _EARLY_FILES and (out / "config.json").is_file()
     if resume:
-        if not (out / CHECKPOINT).is_file():
+        if (out / CHECKPOINT).is_file():
+            return True
+        if not abandoned:
             raise DistillError(f"--resume: no {CHECKPOINT} in {out}; start a new run without --resume")
-        return
-    require_new_dir(out, "choose a new directory, or pass --resume to continue the run in it", DistillError)
+    elif not abandoned and not (entries <= {LOCK_FILE}):
+        require_new_dir(out, "choose a new directory, or pass --resume to continue the run in it", DistillError)
+    if abandoned:
+        print(f"note: {out} holds a run that stopped before its first checkpoint: starting it again from step 0",
+              file=sys.stderr)
+    require_writable(out, DistillError)
+    return False
 
 
-def setup(cfg: DistillConfig, ctx: DistContext) -> Run:
-    """Every check and every load, agreed on by all ranks before rank 0 writes config.json."""
+def setup(cfg: DistillConfig, ctx: DistContext, held: ExitStack) -> Run:
+    """Every check and every load, agreed on by all ranks; then rank 0 takes the output directory's lock
+    (kept in `held`, agreed on too) and writes config.json. A rank that cannot start stops every rank
+    before anything is written: no rank is left waiting in the first step's collectives."""
     run: Run | None = None
     error: Exception | None = None
     try:
         run = _prepare(cfg, ctx)
-    except Exception as exc:  # noqa: BLE001 - re-raised on this rank by raise_if_any_failed
+    except Exception as exc:  # noqa: BLE001 - re-raised on this rank below, once every rank knows
         if not ctx.is_distributed:
             raise
         error = exc
-    # Every rank learns whether some rank could not start, before rank 0 writes anything: no rank is
-    # left waiting in the first step's collectives.
+    _agree(error)
+    assert run is not None
+    if run.main:
+        try:
+            held.enter_context(exclusive_lock(run.out, "output directory"))
+        except Exception as exc:  # noqa: BLE001 - see above
+            if not ctx.is_distributed:
+                raise
+            error = exc
+    _agree(error)
+    if run.main:
+        atomic_write_json(run.out / "config.json", run.config)
+        write_metrics(run.out / "metrics.jsonl", run.metrics)
+    return run
+
+
+def _agree(error: Exception | None) -> None:
+    """Collective: raise on every rank if some rank failed (its own error there, one line elsewhere)."""
     if any_rank(error is not None):
         if error is not None:
             raise error
         raise DistillError("another rank could not start the run (its error is printed by that rank); "
                            "nothing was written")
-    assert run is not None
-    if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.out / "config.json", run.config)
-        write_metrics(run.out / "metrics.jsonl", run.metrics)
-    return run
 
 
 def _load_backbone(cfg: DistillConfig, split, device: torch.device):
@@ -169,38 +207,61 @@ def _load_backbone(cfg: DistillConfig, split, device: torch.device):
     return split.open_backbone(device, weights=cfg.weights)
 
 
+# Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels),
+# their gradients and two Adam moments (4 x 4/3 x 4 bytes), plus the decoded images and the buffers of
+# decoding them forward and backward (~5 x 4 bytes). An estimate, to refuse impossible runs up front.
+_BYTES_PER_SYNTHETIC_VALUE = 42
+
+
+def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: torch.device) -> None:
+    """Refuse (one line) a synthetic set that cannot fit in memory, before allocating any of it."""
+    values = num_classes * cfg.ipc * 3 * resolution * resolution
+    need = values * _BYTES_PER_SYNTHETIC_VALUE
+    have = free_memory(device)
+    if need > have:
+        raise DistillError(f"--ipc {cfg.ipc} x {num_classes} classes at {resolution} px needs about "
+                           f"{need / 2**30:.1f} GiB for the synthetic images and their optimizer state, and "
+                           f"{'the GPU' if device.type == 'cuda' else 'this machine'} has {have / 2**30:.1f} GiB "
+                           f"free: lower --ipc")
+
+
 def _real_init_images(split, num_classes: int, ipc: int, resolution: int, generator: torch.Generator) -> Tensor:
     """ipc random real images per class (canonical, at the synthetic resolution), class by class."""
     from featurestore.datasets import canonical_image
 
     data = split.load(view=0)
-    dataset = split.dataset()
-    images = []
+    picks = []
     for c in range(num_classes):
         rows = data.rows[data.labels == c]
         if rows.numel() < ipc:
             raise DistillError(f"--init real needs {ipc} images of class {c} "
-                               f"({dataset.class_names[c]!r}); the store has {rows.numel()}")
-        pick = rows[torch.randperm(rows.numel(), generator=generator)[:ipc]]
-        images.extend(canonical_image(dataset.load_image(int(r)), resolution) for r in pick)
-    return torch.stack(images)
+                               f"({split.store.class_names[c]!r}); the store has {rows.numel()}")
+        picks.append(rows[torch.randperm(rows.numel(), generator=generator)[:ipc]])
+    # Images are found by sample id, so a source folder that changed since the build cannot hand class b
+    # the image of class a.
+    dataset, indices = split.source(torch.cat(picks))
+    return torch.stack([canonical_image(dataset.load_image(i), resolution) for i in indices])
 
 
 def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     from featurestore.store import FeatureStore
 
     out = Path(cfg.out).expanduser()
-    check_out_dir(out, cfg.resume)
-    checkpoint = load_checkpoint(out, cfg) if cfg.resume else None
+    resume = check_out_dir(out, cfg.resume)
     store = FeatureStore.open(cfg.store)
     split = store.split(cfg.backbone, cfg.split)
+    checkpoint = load_checkpoint(out, cfg, split) if resume else None
     num_classes = store.num_classes
+    if split.num_valid == 0:
+        raise DistillError(f"{split.backbone}/{cfg.split} of {cfg.store} has no usable rows (every sample was "
+                           f"skipped): nothing to distill from; see `fs info --store {cfg.store}`")
+    objective = get_objective(cfg.method, num_classes, **cfg.objective)
     device = ctx.device
+    check_memory(cfg, num_classes, split.resize_size, device)
     backbone = _load_backbone(cfg, split, device)
     real_batch_opt = parse_real_batch(cfg.real_batch)
     real_batch = None if real_batch_opt == "full" else (
         real_batch_opt if real_batch_opt is not None else cfg.ipc * cfg.augs * num_classes)
-    objective = get_objective(cfg.method, num_classes, **cfg.objective)
     generators = make_generators(cfg.seed)
     if cfg.real_source == "store":
         real: RealSource = StoreRealSource.from_split(split, batch=real_batch, augment_views=cfg.augment,
@@ -220,14 +281,28 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
     metrics: list[dict[str, Any]] = []
     start_step = 0
+    lr_history = [{"from_step": 0, "lr": cfg.lr}]
     if checkpoint is not None:
-        synthetic.load_state_dict(checkpoint["synthetic"])
-        optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for name, gen in generators.items():
-            gen.set_state(checkpoint["generators"][name])
+        try:
+            synthetic.load_state_dict(checkpoint["synthetic"])
+            optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            for name, gen in generators.items():
+                gen.set_state(checkpoint["generators"][name])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise DistillError(f"{out / CHECKPOINT} does not fit this run ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]}); start a new run in another --out") from None
         metrics = list(checkpoint["metrics"])
         start_step = int(checkpoint["step"])
+        # A changed --lr on resume is allowed (the way out of a diverged run) and recorded.
+        lr_history = list(checkpoint.get("lr_history") or [{"from_step": 0, "lr": checkpoint["optimizer"]
+                                                            ["param_groups"][0]["lr"]}])
+        if lr_history[-1]["lr"] != cfg.lr:
+            lr_history.append({"from_step": start_step, "lr": cfg.lr})
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr
+            if ctx.is_main:
+                print(f"note: --lr {lr_history[-2]['lr']} -> {cfg.lr} from step {start_step}", file=sys.stderr)
     copies_per_step = side.copies(synthetic.n)
     shares = [contiguous_share(copies_per_step, r, ctx.world_size) for r in range(ctx.world_size)]
     copies_per_pass, pass_info = resolve_copies_per_pass(parse_chunk(cfg.chunk), side, synthetic.images().detach(),
@@ -247,10 +322,11 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                                                     if cfg.param == "pyramid" and cfg.init == "noise" else 0)},
         "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": side.augs},
         "real": {**real.describe(), "batch_resolved": "full" if real_batch is None else min(real_batch, real.num_rows)},
-        "optimizer": {"name": "Adam", "lr": cfg.lr, "reset_on_pyramid_growth": cfg.param == "pyramid"},
+        "optimizer": {"name": "Adam", "lr": cfg.lr, "lr_history": lr_history,
+                      "reset_on_pyramid_growth": cfg.param == "pyramid"},
         "chunk": {"copies_per_pass": copies_per_pass, "copies_per_step": copies_per_step, **pass_info},
         "device": str(device), "amp": "bf16 autocast (backbone forward)" if device.type == "cuda" else "fp32",
-        "class_names": store.class_names,
+        "class_names": store.class_names, "class_folders": class_folder_names(store.class_names),
         "tool_version": tool_version(), "torch_version": torch.__version__,
         "python_version": sys.version.split()[0],
         "resumed_from_step": start_step if checkpoint is not None else None,
@@ -260,6 +336,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                                  "copies_per_rank": [len(share) for share in shares],
                                  "note": "device, chunk and peak memory are rank 0's"}
     return Run(cfg=cfg, ctx=ctx, out=out, store=store, split=split, backbone=backbone, objective=objective,
+               lr_history=lr_history,
                generators=generators, real=real, synthetic=synthetic, side=side, optimizer=optimizer,
                copies_per_pass=copies_per_pass, config=config, metrics=metrics, start_step=start_step,
                resumed=checkpoint is not None, last_saved=start_step if checkpoint is not None else None)
@@ -295,8 +372,6 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, bool]
 
 def steps(run: Run) -> None:
     """Steps from the start (or the checkpoint) to `cfg.steps`, with checkpoints and interrupts."""
-    from tqdm.auto import tqdm
-
     cfg, device = run.cfg, run.ctx.device
     metrics_path = run.out / "metrics.jsonl"
     elapsed_before = float(run.metrics[-1]["seconds"]) if run.metrics else 0.0
@@ -304,11 +379,11 @@ def steps(run: Run) -> None:
     index = run.start_step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=cfg.quiet or not run.main, file=sys.stderr,
-               unit="step", desc=f"distill {cfg.method}", dynamic_ncols=True)
-    # A single process takes Ctrl-C as KeyboardInterrupt (held only around the update); ranks of a
-    # distributed run only flag it and stop together at a step boundary.
-    signals = stop_flags() if run.ctx.is_distributed else nullcontext([False])
+    bar = progress(cfg.steps, f"distill {cfg.method}", "step", disable=cfg.quiet or not run.main,
+                   initial=run.start_step)
+    # A single process takes Ctrl-C and SIGTERM as KeyboardInterrupt (held only around the update); ranks
+    # of a distributed run only flag them and stop together at a step boundary.
+    signals = stop_flags() if run.ctx.is_distributed else sigterm_as_ctrl_c()
     try:
         with signals as stop_requested:
             while index < cfg.steps:
@@ -325,11 +400,13 @@ def steps(run: Run) -> None:
                         run.generators[k].set_state(state)
                     _save_on_stop(run, index)
                 if not math.isfinite(loss_value):
-                    where = (f"the last good checkpoint (step {run.last_saved}) is kept in {run.out / CHECKPOINT}"
-                             if run.last_saved is not None else "no checkpoint was written yet")
-                    raise NonFiniteLossError(
-                        f"the loss became {loss_value} at step {index + 1}; {where}. Lower --lr (now {cfg.lr}) "
-                        f"and rerun with --resume, or start again")
+                    if run.last_saved is not None:
+                        advice = (f"the last good checkpoint (step {run.last_saved}) is kept: rerun with --resume "
+                                  f"and a lower --lr (now {cfg.lr}) to continue from it with the new rate")
+                    else:
+                        advice = (f"no checkpoint was written yet: rerun the same command with a lower --lr "
+                                  f"(now {cfg.lr}); it starts again from step 0")
+                    raise NonFiniteLossError(f"the loss became {loss_value} at step {index + 1}; {advice}")
                 try:
                     with (defer_sigint() if not run.ctx.is_distributed else nullcontext()):
                         run.optimizer.step()

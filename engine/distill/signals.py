@@ -1,7 +1,8 @@
 """Ctrl-C and SIGTERM during a run: a checkpoint is saved and the run stops with `DistillInterrupted`.
 
-A single process turns Ctrl-C into KeyboardInterrupt (Python's default), held back only while the
-parameters are being updated, so a checkpoint never holds half an update (`defer_sigint`). Ranks of a
+A single process turns Ctrl-C into KeyboardInterrupt (Python's default) and SIGTERM too
+(`sigterm_as_ctrl_c`), held back only while the parameters are being updated, so a checkpoint never holds
+half an update (`defer_sigint`). Ranks of a
 distributed run must stop at the same step (a KeyboardInterrupt in the middle of a step would leave the
 other ranks waiting in a collective): there Ctrl-C and SIGTERM only set a flag for the whole run
 (`stop_flags`), and the ranks combine their flags at every step's gradient reduction.
@@ -54,11 +55,29 @@ def _signal_flag(signals: tuple[signal.Signals, ...]) -> Iterator[list[bool]]:
 
 @contextmanager
 def defer_sigint() -> Iterator[list[bool]]:
-    """Hold Ctrl-C while the parameters are being updated; re-raise it right after."""
-    with _signal_flag((signal.SIGINT,)) as received:
+    """Hold Ctrl-C (and SIGTERM) while the parameters are being updated; re-raise it right after."""
+    with _signal_flag((signal.SIGINT, signal.SIGTERM)) as received:
         yield received
     if received[0]:
         raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[list[bool]]:
+    """A single process: SIGTERM, which cluster schedulers send before they kill a job, is handled like
+    Ctrl-C (a checkpoint is saved, then the run stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield [False]
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield [False]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_flags():

@@ -32,6 +32,7 @@ Choices, documented because the paper gives no code and no lambda / tau:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,9 +69,9 @@ class CLPConfig:
     temperature: float = option(DEFAULT_TEMPERATURE, "clp: softmax temperature of the closed-form probe.")
 
     def validate(self) -> None:
-        if not self.ridge > 0:
+        if not (math.isfinite(self.ridge) and self.ridge > 0):
             raise ObjectiveError(f"--ridge must be > 0 (it is relative to the kernel's mean diagonal), got {self.ridge}")
-        if not self.temperature > 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ObjectiveError(f"--temperature must be > 0, got {self.temperature}")
 
 

@@ -11,6 +11,7 @@ Both gradients come from `engine.kernels.linear_ce_grad` (fused, differentiable 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,8 @@ class LGMConfig:
     match: str = option("global", "lgm: global (one cosine, the authors') or per-class.")
 
     def validate(self) -> None:
-        if not self.head_std > 0:
-            raise ObjectiveError(f"--head-std must be > 0, got {self.head_std}")
+        if not (math.isfinite(self.head_std) and self.head_std > 0):
+            raise ObjectiveError(f"--head-std must be a positive finite number, got {self.head_std}")
         if self.match not in MATCH_MODES:
             raise ObjectiveError(f"--match must be one of {', '.join(MATCH_MODES)}, got {self.match!r}")
 

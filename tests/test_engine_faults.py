@@ -1,0 +1,369 @@
+"""Failure behaviour of the engine (distill, eval, baseline): hostile checkpoints, damaged or changed
+stores, concurrent runs, signals, bad options, long names, non-terminal logs. Each test fails on the
+engine as it was before these defects were fixed (the docstrings say how)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import engine.objectives as objectives
+from cli.engine import app
+from engine.distill import DistillConfig, DistillError, NonFiniteLossError, distill
+from engine.imagefolder import MAX_FOLDER_CHARS, read_imagefolder
+from engine.objectives import LGMObjective
+from engine.outputs import GRID_MAX_CLASSES, grid_columns, grid_pages, save_grid
+from engine.real import ImageRealSource
+from featurestore.build import build
+from featurestore.runtime import exclusive_lock
+from featurestore.store import FeatureStore
+
+BACKBONE = "test-cnn"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("store") / "fs"
+    build("gratings", BACKBONE, path, limit_per_class=4, dtype="fp32", workers=0, quiet=True)
+    return path
+
+
+def _config(store: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(store=str(store), backbone=BACKBONE, out=str(out), ipc=1, steps=3, augs=1, grow_every=1,
+                checkpoint_every=1, quiet=True, device="cpu")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _one_line_error(result) -> str:
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def _nan_on_call(monkeypatch, call: int) -> None:
+    original = LGMObjective.loss
+    count = {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        count["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if count["n"] == call else loss
+
+    monkeypatch.setattr(objectives.LGMObjective, "loss", patched)
+
+
+def _solid_folder(root: Path, colours: dict[str, tuple[int, int, int]], per_class: int = 3) -> Path:
+    for name, colour in colours.items():
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 40), colour).save(folder / f"img{i + 1}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class _Payload:
+    """Unpickling this runs Path.touch(marker): what a crafted checkpoint could do with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_checkpoint_runs_no_code(store, tmp_path):
+    """Before: torch.load(weights_only=False) ran the payload, then said 'not a checkpoint'."""
+    out, marker = tmp_path / "out", tmp_path / "payload-ran"
+    out.mkdir()
+    torch.save({"format": 2, "step": 1, "payload": _Payload(marker)}, out / "checkpoint.pt")
+    line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
+                                "--resume", "--quiet", "--device", "cpu"))
+    assert "not a readable probe-distill checkpoint" in line
+    assert not marker.exists()
+
+
+def test_a_foreign_checkpoint_dict_gives_one_line(store, tmp_path):
+    """Before: a dict of the right format but wrong content raised KeyError/TypeError (a traceback)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"format": 2, "step": "three", "run": {}}, out / "checkpoint.pt")
+    line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
+                                "--resume", "--quiet", "--device", "cpu"))
+    assert "is damaged" in line
+
+
+def test_nan_advice_works_lr_may_change_on_resume(store, tmp_path, monkeypatch):
+    """Before: the message said 'lower --lr and rerun with --resume', but resume refused a changed lr."""
+    out = tmp_path / "nan"
+    with monkeypatch.context() as m:
+        _nan_on_call(m, 3)
+        with pytest.raises(NonFiniteLossError, match="rerun with --resume and a lower --lr") as info:
+            distill(_config(store, out, steps=4))
+    assert "step 3" in str(info.value)
+    resumed = distill(_config(store, out, steps=4, lr=1e-4, resume=True))
+    assert resumed.steps_done == 4 and resumed.resumed_from == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"]["lr_history"] == [{"from_step": 0, "lr": 2e-3}, {"from_step": 2, "lr": 1e-4}]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 1e-4
+
+
+def test_nan_before_any_checkpoint_restarts_with_the_same_command(store, tmp_path, monkeypatch):
+    """Before: the same command said 'not empty' and --resume said 'no checkpoint': a stuck directory."""
+    out = tmp_path / "early"
+    with monkeypatch.context() as m:
+        _nan_on_call(m, 1)
+        with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet: rerun the same command"):
+            distill(_config(store, out))
+    assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
+    assert distill(_config(store, out)).steps_done == 3
+    # A run killed before its first checkpoint: --resume starts it again too.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.json").write_text("{}")
+    (killed / "metrics.jsonl").write_text("")
+    assert distill(_config(store, killed, resume=True)).steps_done == 3
+
+
+def test_resume_refuses_a_store_rebuilt_from_other_images(tmp_path):
+    """Before: the checkpoint recorded only the store's path; a rebuilt store was silently mixed in."""
+    path = tmp_path / "fs"
+    build("gratings", BACKBONE, path, limit_per_class=4, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    out = tmp_path / "run"
+    distill(_config(path, out, steps=2))
+    import shutil
+
+    shutil.rmtree(path)
+    build("gratings", BACKBONE, path, limit_per_class=3, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    with pytest.raises(DistillError, match="changed since the checkpoint"):
+        distill(_config(path, out, steps=4, resume=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# real images found by sample id
+
+
+@pytest.fixture()
+def shifted_folder(tmp_path) -> tuple[Path, Path]:
+    """A store of red class a / blue class b, then a green image inserted first into class a: every
+    position after it in the source moves by one."""
+    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
+    store = tmp_path / "fs"
+    build("imagefolder", BACKBONE, store, data_root=root, dtype="fp32", workers=0, quiet=True)
+    Image.new("RGB", (40, 40), (0, 255, 0)).save(root / "train" / "a" / "img0.png")
+    return root, store
+
+
+def test_init_real_finds_images_by_sample_id(shifted_folder, tmp_path):
+    """Before: rows were positions, so class b started from a red class-a image."""
+    _, store = shifted_folder
+    result = distill(_config(store, tmp_path / "run", init="real", param="pixels", steps=1, lr=1e-12))
+    means = result.images.mean(dim=(2, 3))  # [class, RGB]
+    assert means[0, 0] > 0.9 and means[0, 1] < 0.1  # class a: red (not the new green image)
+    assert means[1, 2] > 0.9 and means[1, 0] < 0.1  # class b: blue
+
+
+def test_end_to_end_real_side_finds_images_by_sample_id(shifted_folder):
+    _, store = shifted_folder
+    split = FeatureStore.open(store).split(BACKBONE, "train")
+    source = ImageRealSource.from_split(split, split.open_backbone("cpu"), batch=None, augment_images=False)
+    features, labels = source.sample(torch.Generator().manual_seed(0))
+    stored = split.load(view=0)
+    assert torch.equal(labels, stored.labels)
+    torch.testing.assert_close(features, stored.features, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# concurrent runs, signals, early deaths
+
+
+def test_a_second_run_into_a_held_out_dir_is_refused_naming_the_holder(store, tmp_path):
+    """Before: both runs 'succeeded', interleaving metrics and losing one run's results."""
+    out = tmp_path / "shared"
+    with exclusive_lock(out, "output directory"):
+        line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
+                                    "--steps", "1", "--quiet", "--device", "cpu"))
+        assert "in use by another run" in line and f"pid {os.getpid()}" in line
+        assert not (out / "config.json").exists()
+    assert distill(_config(store, out, steps=1)).steps_done == 1  # the lock dies with its holder
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(store, tmp_path):
+    """Before: SIGTERM (what schedulers send) killed a single-process run without a checkpoint."""
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "cli.engine", "distill", "--store", str(store), "--backbone", BACKBONE, "--out",
+           str(out), "--steps", "100000", "--augs", "1", "--grow-every", "1", "--checkpoint-every", "100000", "--quiet",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "checkpoint saved" in err
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 3
+    resumed = distill(_config(store, out, steps=step + 1, checkpoint_every=100000, resume=True))
+    assert resumed.resumed_from == step and resumed.steps_done == step + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad options and degenerate stores: one line, before any heavy work
+
+
+def test_impossible_options_are_refused_in_one_line(store, tmp_path, monkeypatch):
+    """Before: --head-std inf was accepted, --ipc 100000 began allocating ~12 GB, and --full-epochs 0
+    reported an untrained probe as the upper bound."""
+    common = ["--store", str(store), "--backbone", BACKBONE, "--quiet", "--device", "cpu"]
+    assert "--head-std" in _one_line_error(_cli("distill", *common, "--out", str(tmp_path / "a"), "--head-std", "inf"))
+    import featurestore.backbones as backbones
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone must not be loaded for a run refused up front")
+
+    with monkeypatch.context() as m:
+        m.setattr(backbones, "create_backbone", no_backbone)
+        line = _one_line_error(_cli("distill", *common, "--out", str(tmp_path / "b"), "--ipc", "100000000"))
+        assert "needs about" in line and "lower --ipc" in line
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        line = _one_line_error(_cli("distill", *common, "--out", str(blocker / "out")))
+        assert "is a file" in line
+    assert "--full-epochs" in _one_line_error(_cli("eval", "--store", str(store), "--backbone", BACKBONE, "--full",
+                                                   "--full-epochs", "0", "--quiet", "--device", "cpu"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_degenerate_stores_give_one_line(tmp_path):
+    """Before: a one-class store raised ValueError inside LGM, and a split of only undecodable files
+    failed with a traceback in distill, baseline and eval --full."""
+    one = _solid_folder(tmp_path / "one", {"only": (10, 200, 30)})
+    one_store = tmp_path / "fs-one"
+    build("imagefolder", BACKBONE, one_store, data_root=one, dtype="fp32", workers=0, quiet=True)
+    line = _one_line_error(_cli("distill", "--store", str(one_store), "--backbone", BACKBONE, "--out",
+                                str(tmp_path / "o1"), "--quiet", "--device", "cpu"))
+    assert "at least 2 classes" in line
+
+    broken = tmp_path / "broken"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (broken / split / name).mkdir(parents=True)
+            (broken / split / name / "x.png").write_bytes(b"not a png")
+    broken_store = tmp_path / "fs-broken"
+    build("imagefolder", BACKBONE, broken_store, data_root=broken, dtype="fp32", workers=0, quiet=True)
+    common = ["--store", str(broken_store), "--backbone", BACKBONE, "--quiet", "--device", "cpu"]
+    assert "no usable rows" in _one_line_error(_cli("distill", *common, "--out", str(tmp_path / "o2")))
+    assert "no usable rows" in _one_line_error(_cli("baseline", *common, "--kind", "random",
+                                                    "--out", str(tmp_path / "o3")))
+    assert "no usable rows" in _one_line_error(_cli("eval", *common, "--full", "--full-epochs", "1"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs: long class names, permissions, where eval writes, logs, grids
+
+
+def test_a_long_class_name_is_capped_up_front(tmp_path):
+    """Before: every step ran, then 'File name too long' while writing images/, and nothing was written."""
+    root = _solid_folder(tmp_path / "imagenet", {"n001": (200, 0, 0), "n002": (0, 0, 200)})
+    long_name = "a very long gloss " * 17  # 306 characters, longer than a file name may be
+    (root / "LOC_synset_mapping.txt").write_text(f"n001 {long_name}\nn002 short name\n")
+    store = tmp_path / "fs"
+    build("imagenet", BACKBONE, store, data_root=root, dtype="fp32", workers=0, quiet=True)
+    out = tmp_path / "run"
+    result = distill(_config(store, out, steps=1))
+    folders = sorted(p.name for p in (out / "images").iterdir())
+    assert all(len(f) <= MAX_FOLDER_CHARS for f in folders) and len(folders) == 2
+    images, labels, _ = read_imagefolder(out / "images", result.class_names)
+    assert labels.tolist() == [0, 1]
+    assert json.loads((out / "config.json").read_text())["class_names"][0] == long_name.strip()
+
+
+def test_outputs_are_not_private(store, tmp_path):
+    """Before: images/ was created by mkdtemp with mode 0700."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        distill(_config(store, out, steps=1))
+    finally:
+        os.umask(old)
+    assert (out / "images").stat().st_mode & 0o777 == 0o755
+
+
+def test_eval_without_out_keeps_each_sets_results(store, tmp_path):
+    """Before: two sets in one folder both wrote <folder>/eval, the second overwriting the first."""
+    sets = tmp_path / "sets"
+    for name in ("a", "b"):
+        distill(_config(store, tmp_path / f"run-{name}", steps=1, seed=ord(name)))
+        os.makedirs(sets, exist_ok=True)
+        os.replace(tmp_path / f"run-{name}" / "images", sets / name)
+    for name in ("a", "b"):
+        result = _cli("eval", "--store", str(store), "--images", str(sets / name), "--backbone", BACKBONE,
+                      "--epochs", "2", "--seeds", "1", "--quiet", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+    for name in ("a", "b"):
+        saved = json.loads((sets / f"eval-{name}" / "eval.json").read_text())
+        assert list(saved["config"]["image_sets"]) == [name]
+
+
+def test_progress_in_a_log_is_lines_not_redraws(store, tmp_path, monkeypatch):
+    """Before: a log of `make demo > log` was mostly carriage-return frames of progress bars."""
+    monkeypatch.setenv("PROBE_DISTILL_PROGRESS_INTERVAL", "0")
+    import featurestore.progress as progress_module
+
+    monkeypatch.setattr(progress_module, "LINE_INTERVAL_S", 0.0)
+    result = _cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(tmp_path / "run"),
+                  "--steps", "4", "--augs", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output
+    assert "distill lgm: 4/4 step (100%)" in result.output
+
+
+def test_grids_are_near_square_and_paged(tmp_path):
+    """Before: one image per class made a single tall column, and only the first 50 classes were shown."""
+    assert grid_columns(10, 1) == 3 and grid_columns(10, 10) == 1 and grid_columns(100, 1) == 10
+    overview, pages = grid_pages(list(range(250)))
+    assert len(overview) == GRID_MAX_CLASSES and overview[0] == 0 and overview[-1] == 249
+    assert [c for page in pages for c in page] == list(range(250)) and all(len(p) <= GRID_MAX_CLASSES for p in pages)
+    path = tmp_path / "grid.png"
+    save_grid(path, torch.rand(10, 3, 16, 16), torch.arange(10), [f"class {i}" for i in range(10)])
+    width, height = Image.open(path).size
+    assert 0.5 < width / height < 2.0
+    save_grid(tmp_path / "big.png", torch.rand(120, 3, 8, 8), torch.arange(120), [str(i) for i in range(120)])
+    assert sorted(p.name for p in (tmp_path / "big-pages").iterdir()) == ["page-001.png", "page-002.png"]
+
+
+def test_checkpoint_holds_only_plain_data(store, tmp_path):
+    """What `weights_only=True` accepts: the checkpoint a run writes loads that way."""
+    out = tmp_path / "run"
+    distill(_config(store, out, steps=2))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and isinstance(pickle.dumps(state["run"]), bytes)
+    assert np.isfinite(state["metrics"][-1]["loss"])
