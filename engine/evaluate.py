@@ -49,7 +49,7 @@ from featurestore.store import open_store
 # distillation augmentation adds.
 EVAL_AUGMENT = AugmentConfig(noise_p=0.0)
 DEFAULT_VIEWS = 100
-FULL_BATCH = 256  # full-data probe
+FULL_BATCH = 128  # full-data probe: the authors' batch_size_per_gpu on one GPU (src/config/full_dataset_config.py)
 FULL_ROW = "full"
 # Files that mark a distill or baseline output directory (its images are in images/).
 RUN_MARKERS = ("config.json", "baseline.json", "distilled.safetensors")
