@@ -262,6 +262,22 @@ class EvalConfig:
     quiet: bool = option(False, "No progress bars.", flag="--quiet")
 
 
+# `engine distill --eval-every K`: an estimate of the probe accuracy during a run, cheap enough to repeat
+# (one seed, 10 cached views, 300 epochs instead of 5 seeds, 100 views, 1000 epochs).
+QUICK_RECIPE = ProbeRecipe(epochs=300)
+QUICK_VIEWS = 10
+
+
+def quick_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor,
+                val_labels: torch.Tensor, num_classes: int, seed: int = 0) -> float:
+    """Top-1 (%) on the val features of a probe trained on `images` (at the backbone's resize size) with
+    the QUICK recipe: the cheap, noisier version of the protocol above."""
+    feats = embed_views(backbone, images, QUICK_VIEWS, torch.Generator().manual_seed(view_pool_seed([seed])))
+    probes = train_probes(feats, labels.to(feats.device), num_classes, QUICK_RECIPE,
+                          [torch.Generator().manual_seed(seed)])
+    return probes_accuracy(probes, val_features, val_labels)[0][0]
+
+
 def evaluate_full(store, backbone: str, epochs: int = EvalConfig.full_epochs, seeds: int | Sequence[int] = EvalConfig.seeds,
                   device: str | torch.device = "auto", quiet: bool = False) -> CellResult:
     """The full-data probe: train on the stored train features (view 0), test on the val features."""

@@ -21,9 +21,10 @@ augment / centre-crop path as real images).
   mapped back through the sigmoid and the colour matrix, the coarser levels are zero. A real image
   cannot be represented by a 1x1 level, so a growing pyramid would throw the init away.
 
-`PixelImages`: one [n, 3, R, R] tensor of logits decoded with sigmoid (not clamping: gradients never
-vanish at the borders and the values stay in [0, 1] without projection). Noise init N(0, 1) logits,
-scaled by `noise_std`; real init = logit(real image).
+`PixelImages`: one [n, 3, R, R] tensor in the decorrelated colour space, decoded as the authors' pixel
+parameterization (src/synsets/pixels.py): the same colour matrix, then sigmoid(2x) (not clamping:
+gradients never vanish at the borders and the values stay in [0, 1] without projection). Noise init N(0,
+1) (scaled by `noise_std`); real init maps the real image back through the sigmoid and the colour matrix.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class PyramidImages:
 
 
 class PixelImages:
-    """Direct pixels: sigmoid of an [n, 3, R, R] logit tensor (see the module docstring)."""
+    """Direct pixels: sigmoid(2 * colour(x)) of an [n, 3, R, R] tensor (see the module docstring)."""
 
     kind = "pixels"
 
@@ -199,7 +200,7 @@ class PixelImages:
         elif init == "real":
             if real_images is None or tuple(real_images.shape) != (self.n, 3, resolution, resolution):
                 raise ValueError(f"real init needs images of shape {(self.n, 3, resolution, resolution)}")
-            logits = _logit(real_images.float().cpu())
+            logits = rgb_to_decorrelated(_logit(real_images.float().cpu()) / 2)
         else:
             raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
         self.logits = logits.to(self.device).requires_grad_(True)
@@ -213,7 +214,7 @@ class PixelImages:
         return False
 
     def images(self) -> Tensor:
-        return torch.sigmoid(self.logits)
+        return torch.sigmoid(2 * decorrelated_to_rgb(self.logits))
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "logits": self.logits.detach().cpu().clone()}
@@ -227,7 +228,8 @@ class PixelImages:
         self.logits = state["logits"].to(self.device).clone().requires_grad_(True)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "resolution": self.resolution, "init": self.init, "decode": "sigmoid(x)"}
+        return {"kind": self.kind, "resolution": self.resolution, "init": self.init,
+                "colour": "Lucid ImageNet colour correlation, column-normalized", "decode": "sigmoid(2x)"}
 
 
 SyntheticImages = PyramidImages | PixelImages
@@ -251,6 +253,36 @@ def pyramid_full_step(resolution: int, grow_every: int) -> int:
     return (len(pyramid_resolutions(resolution)) - 1) * grow_every
 
 
+# The authors add a level every 200 of 5000 steps: 256 px (8 growths) from step 1600, about a third of the
+# run; the rest refines the full-resolution image. `auto` keeps that proportion for any --steps.
+FULL_RESOLUTION_FRACTION = 1 / 3
+
+
+def auto_grow_every(resolution: int, steps: int) -> int:
+    """Steps between pyramid levels so that full resolution is reached at about a third of `steps`."""
+    growths = len(pyramid_resolutions(resolution)) - 1
+    if growths == 0:
+        return steps
+    return max(1, int(steps * FULL_RESOLUTION_FRACTION) // growths)
+
+
+def check_schedule(resolution: int, grow_every: int, steps: int) -> str | None:
+    """Why a noise-init pyramid growing every `grow_every` steps would not reach `resolution` within
+    `steps` steps (a run would end with only coarse levels), or None when it does."""
+    sizes = pyramid_resolutions(resolution)
+    full = pyramid_full_step(resolution, grow_every)
+    if full < steps:
+        return None
+    levels = min(len(sizes), 1 + (steps - 1) // grow_every)
+    need = len(sizes) - 1
+    hints = [f"--steps {full + 1} or more"]
+    if steps > need:
+        hints.append(f"--grow-every {(steps - 1) // need} or less")
+    return (f"with --grow-every {grow_every} and --steps {steps} the pyramid would end at {sizes[levels - 1]} px "
+            f"({levels} of {len(sizes)} levels; {resolution} px from step {full + 1}): use {', '.join(hints)}, "
+            f"or --grow-every auto")
+
+
 __all__ = ["PyramidImages", "PixelImages", "SyntheticImages", "make_synthetic", "synthetic_labels",
-           "pyramid_resolutions", "pyramid_full_step", "COLOR_CORRELATION", "decorrelated_to_rgb",
+           "pyramid_resolutions", "pyramid_full_step", "auto_grow_every", "check_schedule", "COLOR_CORRELATION", "decorrelated_to_rgb",
            "rgb_to_decorrelated"]

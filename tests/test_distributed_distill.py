@@ -3,7 +3,7 @@ hand in processes started with torch.multiprocessing) against the single-process
 
 One group of two processes runs every scenario in turn (starting processes is the expensive part):
 one distributed step's loss and image gradients vs one process (kept graph and chunked re-runs, an
-uneven split of the copies), a 4-step distill (same losses and images; only rank 0 writes), Ctrl-C on
+uneven split of the copies), an 8-step distill (same losses and images; only rank 0 writes), Ctrl-C on
 one rank (both stop at the same step, rank 0 saves; resuming gives the uninterrupted run bit for bit),
 a non-finite loss seen by one rank only (both stop), and a setup error on one rank (both stop,
 nothing written)."""
@@ -45,7 +45,7 @@ def store(tmp_path_factory) -> Path:
 def _config(store: Path, out: Path, **kw):
     from engine.distill import DistillConfig
 
-    base = dict(store=str(store), backbone=BACKBONE, out=str(out), ipc=1, steps=4, augs=2, grow_every=2,
+    base = dict(store=str(store), backbone=BACKBONE, out=str(out), ipc=1, steps=8, augs=2, grow_every=1,
                 checkpoint_every=10, quiet=True, device="cpu")
     base.update(kw)
     return DistillConfig(**base)
@@ -140,14 +140,14 @@ def _worker(rank: int, port: int, store: str, tmp: str) -> None:
         loss, grads = _gradient_step(chunk, True, rank, WORLD)
         results[f"grad_{chunk}"] = (loss, grads)
 
-    # A 4-step run; count what this rank writes.
+    # An 8-step run; count what this rank writes.
     writes: dict[str, int] = {}
     _count_writes([engine.distill.loop, engine.distill.checkpoint], writes)
     run = distill_module.distill(_config(store_path, tmp_path / "dist"))
     results["run"] = {"images": run.images, "losses": run.losses, "rank": run.rank, "world": run.world_size,
                       "writes": dict(writes)}
 
-    # Ctrl-C on rank 1 during step 3: both ranks stop after step 2; then resume to step 4.
+    # Ctrl-C on rank 1 during step 3: both ranks stop after step 2; then resume to the end.
     def interrupt(call, loss):
         if rank == 1 and call == 3:
             os.kill(os.getpid(), signal.SIGINT)
@@ -168,7 +168,7 @@ def _worker(rank: int, port: int, store: str, tmp: str) -> None:
     # A non-finite loss seen by rank 1 only (a loss differs between ranks only on broken hardware):
     # both ranks stop at step 2.
     restore = _patch_loss(lambda call, loss: loss * float("nan") if rank == 1 and call == 2 else loss)
-    results["nan"] = _outcome(lambda: distill_module.distill(_config(store_path, tmp_path / "nan", steps=3,
+    results["nan"] = _outcome(lambda: distill_module.distill(_config(store_path, tmp_path / "nan", steps=8,
                                                                      checkpoint_every=1)))
     restore()
 
@@ -227,27 +227,27 @@ def test_distributed_run_matches_single_process_and_rank_0_writes_once(distribut
     run0, run1 = ranks[0]["run"], ranks[1]["run"]
     assert (run0["rank"], run1["rank"], run0["world"]) == (0, 1, WORLD)
     assert torch.equal(run0["images"], run1["images"]) and run0["losses"] == run1["losses"]
-    assert len(run0["losses"]) == 4
+    assert len(run0["losses"]) == 8
     torch.testing.assert_close(torch.tensor(run0["losses"]), torch.tensor(single.losses), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(run0["images"], single.images, atol=1e-5, rtol=0)
     assert (run0["images"] - single.images).abs().max() < 1e-5
     # Rank 1 wrote nothing; rank 0 every output, once.
     assert sum(run1["writes"].values()) == 0
-    assert run0["writes"]["append_metric"] == 4 and run0["writes"]["save_safetensors"] == 1
+    assert run0["writes"]["append_metric"] == 8 and run0["writes"]["save_safetensors"] == 1
     dist_out, single_out = tmp / "dist", tmp_path / "single"
     files = sorted(p.relative_to(dist_out).as_posix() for p in dist_out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(single_out).as_posix() for p in single_out.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith(".tmp")]
     lines = [json.loads(x) for x in (dist_out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert [m["step"] for m in lines] == list(range(1, 9))
     config = json.loads((dist_out / "config.json").read_text())
     assert config["distributed"]["world_size"] == WORLD and config["distributed"]["backend"] == "gloo"
-    assert config["distributed"]["copies_per_rank"] == [10, 10] and config["steps_done"] == 4
-    ckpt = torch.load(dist_out / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 4
+    assert config["distributed"]["copies_per_rank"] == [10, 10] and config["steps_done"] == 8
+    ckpt = torch.load(dist_out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 8
     # A distributed checkpoint resumes in a single process (the problem does not depend on the world size).
-    extended = distill(_config(store, dist_out, steps=5, resume=True))
-    straight = distill(_config(store, tmp_path / "single5", steps=5))
+    extended = distill(_config(store, dist_out, steps=9, resume=True))
+    straight = distill(_config(store, tmp_path / "single5", steps=9))
     torch.testing.assert_close(extended.images, straight.images, atol=1e-5, rtol=0)
 
 

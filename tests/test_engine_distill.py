@@ -40,7 +40,8 @@ def store(tmp_path_factory) -> Path:
 
 
 def _config(store: Path, out: Path, **kw) -> DistillConfig:
-    base = dict(store=str(store), backbone=BACKBONE, out=str(out), ipc=1, steps=4, augs=2, grow_every=2,
+    # test-cnn's 36 px pyramid has 7 levels: with a level every step it is complete from step 7.
+    base = dict(store=str(store), backbone=BACKBONE, out=str(out), ipc=1, steps=8, augs=2, grow_every=1,
                 checkpoint_every=2, quiet=True, device="cpu")
     base.update(kw)
     return DistillConfig(**base)
@@ -117,7 +118,7 @@ def test_store_and_end_to_end_real_gradients_agree_without_augmentation(store):
 
 def test_outputs_on_disk(store, tmp_path):
     out = tmp_path / "run"
-    result = distill(_config(store, out, ipc=2, steps=3))
+    result = distill(_config(store, out, ipc=2, steps=7))
     names = FeatureStore.open(store).class_names
     pngs = sorted((out / "images").rglob("*.png"))
     assert len(pngs) == CLASSES * 2
@@ -137,36 +138,36 @@ def test_outputs_on_disk(store, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["store"]["fingerprint"] == FeatureStore.open(store).split(BACKBONE, "train").fingerprint
     assert config["backbone"]["fingerprint"] == create_backbone(BACKBONE).fingerprint
-    assert config["method"] == "lgm" and config["arguments"]["ipc"] == 2 and config["steps_done"] == 3
-    assert config["real"]["batch_resolved"] == 2 * 2 * CLASSES and config["tool_version"]
+    assert config["method"] == "lgm" and config["arguments"]["ipc"] == 2 and config["steps_done"] == 7
+    assert config["real"]["batch_resolved"] == "full" and config["tool_version"]  # --real-batch auto
     assert config["torch_version"] == torch.__version__ and config["seeds"]["seed"] == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3] and all(m["peak_memory_mb"] > 0 for m in lines)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6, 7] and all(m["peak_memory_mb"] > 0 for m in lines)
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The pyramid grew before the 3rd step (grow_every=2) and Adam was reset then: one update since
-    # (without the reset, level 0 would show 3).
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 3 and len(ckpt["synthetic"]["levels"]) == 2
-    assert [float(s["step"]) for s in ckpt["optimizer"]["state"].values()] == [1.0, 1.0]
+    # The pyramid grew before the 7th step (its last level) and Adam was reset then: one update since
+    # (without the reset, level 0 would show 7).
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 7 and len(ckpt["synthetic"]["levels"]) == 7
+    assert [float(s["step"]) for s in ckpt["optimizer"]["state"].values()] == [1.0] * 7
 
 
 def test_resume_after_ctrl_c_is_bit_for_bit(store, tmp_path, monkeypatch):
-    straight = distill(_config(store, tmp_path / "a", steps=5, checkpoint_every=10))
+    straight = distill(_config(store, tmp_path / "a", steps=8, checkpoint_every=10))
     out = tmp_path / "b"
     with monkeypatch.context() as m:
-        _fail_on_call(m, 4, KeyboardInterrupt())  # during step 4 (after the growth at step 2 -> index 2)
+        _fail_on_call(m, 4, KeyboardInterrupt())  # during step 4 (after the growth at index 3)
         with pytest.raises(DistillInterrupted) as info:
-            distill(_config(store, out, steps=5, checkpoint_every=10))
+            distill(_config(store, out, steps=8, checkpoint_every=10))
     assert info.value.step == 3 and info.value.saved
     assert not (out / "distilled.safetensors").exists()
-    resumed = distill(_config(store, out, steps=5, checkpoint_every=10, resume=True))
+    resumed = distill(_config(store, out, steps=8, checkpoint_every=10, resume=True))
     assert resumed.resumed_from == 3
     assert resumed.losses == straight.losses
     assert torch.equal(resumed.images, straight.images)
     # A finished run extended with more steps continues the same trajectory.
-    extended = distill(_config(store, tmp_path / "a", steps=6, checkpoint_every=10, resume=True))
-    again = distill(_config(store, tmp_path / "c", steps=6, checkpoint_every=10))
+    extended = distill(_config(store, tmp_path / "a", steps=9, checkpoint_every=10, resume=True))
+    again = distill(_config(store, tmp_path / "c", steps=9, checkpoint_every=10))
     assert extended.losses == again.losses and torch.equal(extended.images, again.images)
 
 
@@ -174,8 +175,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
     out = tmp_path / "run"
     _fail_on_call(monkeypatch, 4, float("nan"))
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 4.*step 2"):
-        distill(_config(store, out, steps=6, checkpoint_every=2))
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        distill(_config(store, out, steps=8, checkpoint_every=2))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(x).all() for x in ckpt["synthetic"]["levels"])
     assert not (out / "distilled.safetensors").exists()
 
@@ -218,7 +219,7 @@ def test_bad_input_is_refused_before_anything_is_written(store, tmp_path):
 def test_cli_runs_refuses_and_reports_interrupts(store, tmp_path, monkeypatch):
     runner = CliRunner()
     out = tmp_path / "cli"
-    args = ["distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out), "--steps", "2",
+    args = ["distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out), "--steps", "7",
             "--augs", "1", "--quiet", "--device", "cpu", "--checkpoint-every", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.distill.config import DistillConfig, DistillError, parse_real_batch
+from engine.distill.config import DistillConfig, DistillError
 from engine.objectives import objective_config
 from featurestore.runtime import atomic_write_bytes
 
@@ -42,13 +42,15 @@ def store_content(split) -> dict[str, Any]:
             "rows": split.n, "num_classes": split.store.num_classes}
 
 
-def run_identity(cfg: DistillConfig, split) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed by `cfg` on `split` (the store's real side)."""
+def run_identity(cfg: DistillConfig, split, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by `cfg` on `split` (the store's real side); the
+    automatic options count by what they resolved to (`resolved`: grow_every, real_batch), so a resume
+    that would change them (other --steps with --grow-every auto, another device's budget) is refused."""
     from dataclasses import asdict
 
     ident = {k: getattr(cfg, k) for k in RESUME_KEYS}
     ident["store"] = store_id(cfg.store)
-    ident["real_batch"] = parse_real_batch(cfg.real_batch)
+    ident.update(resolved)
     ident["objective"] = asdict(objective_config(cfg.method, cfg.objective))
     ident["store_content"] = store_content(split)
     return ident
@@ -87,12 +89,12 @@ def read_checkpoint(out: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(out: Path, cfg: DistillConfig, split) -> dict[str, Any]:
+def load_checkpoint(out: Path, cfg: DistillConfig, split, resolved: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint in `out`, checked against `cfg` and the store split it will run on; DistillError
     (one line) when it cannot resume it."""
     state = read_checkpoint(out)
     saved = state["run"]
-    ours = run_identity(cfg, split)
+    ours = run_identity(cfg, split, resolved)
     if saved.get("store_content") != ours["store_content"]:
         raise DistillError(f"--resume: the store at {cfg.store} changed since the checkpoint in {out} was made "
                            f"(it was {saved.get('store_content')}, it is now {ours['store_content']}): the run "

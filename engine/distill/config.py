@@ -39,16 +39,20 @@ class DistillConfig:
     steps: int = option(5000, "Optimization steps.")
     lr: float = option(2e-3, "Adam learning rate of the image parameters.")
     augs: int = option(10, "Augmented copies of every synthetic image per step.")
-    real_batch: int | str | None = option(None, "Real rows per step: an integer, or 'full' (every row, every step). "
-                                                "Default ipc*augs*classes, as the authors.")
+    real_batch: int | str = option("auto", "Real rows per step: auto (every row when the whole split's gradient "
+                                           "fits the compute and memory budget, else the largest sample that fits), "
+                                           "full (every row), or an integer (the authors: ipc*augs*classes).")
     param: str = option("pyramid", "Image parameterization: pyramid or pixels.")
     init: str = option("noise", "noise, or real (real images of each class).")
-    grow_every: int = option(200, "Pyramid: steps between added levels.")
+    grow_every: int | str = option("auto", "Pyramid: steps between added levels, or auto (full resolution at "
+                                           "about 1/3 of --steps, as the authors' 200 for 5000 steps).")
     chunk: int | str = option("auto", "Augmented copies per backbone pass with a graph (bounds memory), or auto.")
     real_source: str = option("store", "store (stored features) or images (end to end through the backbone, "
                                        "as the authors).")
     augment: bool = option(True, "Augmentation on both sides (--no-augment: none).", flag="--augment/--no-augment")
     checkpoint_every: int = option(100, "Steps between checkpoints.")
+    eval_every: int = option(0, "Every K steps, a cheap probe of the current set on the store's val features "
+                                "(1 seed, 10 views, 300 epochs: an estimate, not the full protocol); 0: off.")
     resume: bool = option(False, "Continue the run in --out from its checkpoint.", flag="--resume")
     seed: int = option(0, "Seeds init, heads, augmentation and real batches.")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
@@ -66,7 +70,9 @@ class DistillConfig:
         """Everything that is wrong whatever the store holds; DistillError with one line."""
         if self.method not in METHODS:
             raise DistillError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("ipc", "steps", "augs", "grow_every", "checkpoint_every"):
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise DistillError(f"--eval-every must be 0 (off) or a positive integer, got {self.eval_every!r}")
+        for name in ("ipc", "steps", "augs", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DistillError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -78,23 +84,31 @@ class DistillConfig:
                 raise DistillError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, "
                                    f"got {getattr(self, name)!r}")
         parse_real_batch(self.real_batch)
+        parse_grow_every(self.grow_every)
         parse_chunk(self.chunk)
 
 
-def _positive_int_or(value: int | str, keyword: str, option_name: str) -> int | str:
+def _positive_int_or(value: int | str, keyword: str | tuple[str, ...], option_name: str) -> int | str:
     """`keyword` itself, or a positive int (ints given as strings are accepted); else a DistillError."""
-    if value == keyword:
+    keywords = (keyword,) if isinstance(keyword, str) else keyword
+    if value in keywords:
         return value
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise DistillError(f"{option_name} must be a positive integer or '{keyword}', got {value!r}")
+        raise DistillError(f"{option_name} must be a positive integer or {' or '.join(repr(k) for k in keywords)}, "
+                           f"got {value!r}")
     return value
 
 
-def parse_real_batch(value: int | str | None) -> int | str | None:
-    """None (default: ipc*augs*C), 'full', or a positive int."""
-    return None if value is None else _positive_int_or(value, "full", "--real-batch")
+def parse_real_batch(value: int | str) -> int | str:
+    """'auto', 'full', or a positive int."""
+    return _positive_int_or(value, ("auto", "full"), "--real-batch")
+
+
+def parse_grow_every(value: int | str) -> int | str:
+    """'auto' or a positive int."""
+    return _positive_int_or(value, "auto", "--grow-every")
 
 
 def parse_chunk(value: int | str) -> int | str:

@@ -39,22 +39,24 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from engine.distill.backprop import SyntheticSide, free_memory, resolve_copies_per_pass
 from engine.distill.checkpoint import CHECKPOINT, load_checkpoint, run_identity, save_checkpoint, store_id
-from engine.distill.config import DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_real_batch
+from engine.distill.config import (DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_grow_every,
+                                   parse_real_batch)
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
 from engine.imagefolder import class_folder_names, write_imagefolder
 from engine.objectives import Objective, get_objective
 from engine.outputs import append_metric, save_grid, save_loss_plot, save_safetensors, write_metrics
-from engine.parameterizations import SyntheticImages, make_synthetic, pyramid_full_step
-from engine.real import ImageRealSource, RealSource, StoreRealSource
+from engine.parameterizations import (SyntheticImages, auto_grow_every, check_schedule, make_synthetic,
+                                      pyramid_full_step)
+from engine.real import ImageRealSource, RealSource, StoreRealSource, plan_real_batch
 from featurestore.augment import AugmentConfig
 from featurestore.progress import progress
 from featurestore.distributed import DistContext, any_rank, contiguous_share, destroy, init_process_group_from_env
@@ -98,6 +100,8 @@ class Run:
     start_step: int
     resumed: bool
     lr_history: list[dict[str, Any]]
+    resolved: dict[str, Any]  # what the automatic options resolved to (grow_every, real_batch)
+    probe: Callable[[], float] | None = None  # --eval-every: top-1 of the current images (rank 0)
     last_saved: int | None = None
 
     @property
@@ -108,7 +112,8 @@ class Run:
         if not self.main:  # every rank holds the same state; rank 0 writes it
             return
         save_checkpoint(self.out, {
-            "step": step, "run": run_identity(self.cfg, self.split), "synthetic": self.synthetic.state_dict(),
+            "step": step, "run": run_identity(self.cfg, self.split, self.resolved),
+            "synthetic": self.synthetic.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_history": self.lr_history,
             "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics})
         self.last_saved = step
@@ -136,13 +141,15 @@ def distill(cfg: DistillConfig) -> DistillResult:
 _EARLY_FILES = frozenset({"config.json", "metrics.jsonl", LOCK_FILE})
 
 
-def check_out_dir(out: Path, resume: bool) -> bool:
+def check_out_dir(out: Path, resume: bool, main: bool = True) -> bool:
     """Checks --out before anything is loaded; returns whether to resume from its checkpoint.
 
     A directory another live run holds is refused (naming it); a directory that holds only the files of a
     run that never checkpointed (killed, or a non-finite loss at the first steps) starts again, with or
-    without --resume; a directory that cannot be written is refused now, not after loading everything."""
-    holder = is_locked(out)
+    without --resume; a directory that cannot be written is refused now, not after loading everything.
+    Only rank 0 (`main`) looks at the lock: it alone takes it (the other ranks could see it still held by
+    rank 0 in the instant after a previous run)."""
+    holder = is_locked(out) if main else None
     if holder is not None:
         raise DistillError(f"--out {out} is in use by another run ({holder}): wait for it to finish, or "
                            f"choose another --out")
@@ -155,7 +162,7 @@ def check_out_dir(out: Path, resume: bool) -> bool:
             raise DistillError(f"--resume: no {CHECKPOINT} in {out}; start a new run without --resume")
     elif not abandoned and not (entries <= {LOCK_FILE}):
         require_new_dir(out, "choose a new directory, or pass --resume to continue the run in it", DistillError)
-    if abandoned:
+    if abandoned and main:
         print(f"note: {out} holds a run that stopped before its first checkpoint: starting it again from step 0",
               file=sys.stderr)
     require_writable(out, DistillError)
@@ -225,6 +232,29 @@ def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: 
                            f"free: lower --ipc")
 
 
+PROBE_NOTE = ("--eval-every: 1 seed, 10 cached views, 300 epochs, tested on the store's val features: a cheap "
+              "estimate; `engine eval` runs the full protocol")
+
+
+def _quick_probe(cfg: DistillConfig, ctx: DistContext, store, split, backbone, synthetic) -> Callable[[], float] | None:
+    """The --eval-every probe of the current images (rank 0 only; None on other ranks). It draws from
+    its own generators, so a run's trajectory is the same with or without it."""
+    from engine.evaluate import quick_probe
+
+    val_split = store.split(split.backbone, "val")  # a missing val split: one line naming what there is
+    if not ctx.is_main:
+        return None
+    val = val_split.load(view=0, device=ctx.device)
+
+    def probe() -> float:
+        with torch.no_grad():
+            images = synthetic.images().detach()
+        return quick_probe(backbone, images, synthetic.labels, val.features, val.labels, store.num_classes,
+                           seed=cfg.seed)
+
+    return probe
+
+
 def _real_init_images(split, num_classes: int, ipc: int, resolution: int, generator: torch.Generator) -> Tensor:
     """ipc random real images per class (canonical, at the synthetic resolution), class by class."""
     from featurestore.datasets import canonical_image
@@ -247,28 +277,36 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     from featurestore.store import FeatureStore
 
     out = Path(cfg.out).expanduser()
-    resume = check_out_dir(out, cfg.resume)
+    resume = check_out_dir(out, cfg.resume, ctx.is_main)
     store = FeatureStore.open(cfg.store)
     split = store.split(cfg.backbone, cfg.split)
-    checkpoint = load_checkpoint(out, cfg, split) if resume else None
     num_classes = store.num_classes
     if split.num_valid == 0:
         raise DistillError(f"{split.backbone}/{cfg.split} of {cfg.store} has no usable rows (every sample was "
                            f"skipped): nothing to distill from; see `fs info --store {cfg.store}`")
     objective = get_objective(cfg.method, num_classes, **cfg.objective)
+    resolution = split.resize_size
+    grow_every = (auto_grow_every(resolution, cfg.steps) if parse_grow_every(cfg.grow_every) == "auto"
+                  else int(cfg.grow_every))
+    if cfg.param == "pyramid" and cfg.init == "noise":
+        problem = check_schedule(resolution, grow_every, cfg.steps)
+        if problem is not None:
+            raise DistillError(problem)
     device = ctx.device
-    check_memory(cfg, num_classes, split.resize_size, device)
+    real_batch, real_plan = plan_real_batch(parse_real_batch(cfg.real_batch), split.num_valid, num_classes,
+                                            split.dim, cfg.ipc * cfg.augs * num_classes, device.type)
+    resolved = {"grow_every": grow_every, "real_batch": "full" if real_batch is None else real_batch}
+    checkpoint = load_checkpoint(out, cfg, split, resolved) if resume else None
+    check_memory(cfg, num_classes, resolution, device)
     backbone = _load_backbone(cfg, split, device)
-    real_batch_opt = parse_real_batch(cfg.real_batch)
-    real_batch = None if real_batch_opt == "full" else (
-        real_batch_opt if real_batch_opt is not None else cfg.ipc * cfg.augs * num_classes)
+    if ctx.is_main and not cfg.quiet:
+        print(real_plan, file=sys.stderr)
     generators = make_generators(cfg.seed)
     if cfg.real_source == "store":
         real: RealSource = StoreRealSource.from_split(split, batch=real_batch, augment_views=cfg.augment,
                                                       device=device)
     else:
         real = ImageRealSource.from_split(split, backbone, batch=real_batch, augment_images=cfg.augment)
-    resolution = backbone.resize_size
     if checkpoint is None and cfg.init == "real":
         init_images = _real_init_images(split, num_classes, cfg.ipc, resolution, generators["init"])
     elif checkpoint is not None:  # overwritten by the checkpoint: no draw, no image reads
@@ -276,7 +314,8 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     else:
         init_images = None
     synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution, init=cfg.init, real_images=init_images,
-                               grow_every=cfg.grow_every, generator=generators["init"], device=device)
+                               grow_every=grow_every, generator=generators["init"], device=device)
+    probe = _quick_probe(cfg, ctx, store, split, backbone, synthetic) if cfg.eval_every else None
     side = SyntheticSide(backbone, cfg.augs, cfg.augment, AugmentConfig())
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
     metrics: list[dict[str, Any]] = []
@@ -318,10 +357,11 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint, "image_size": backbone.image_size,
                      "resize_size": backbone.resize_size, "weights_path": backbone.weights_path},
         "synthetic": {**synthetic.describe(), "num_images": synthetic.n, "ipc": cfg.ipc,
-                      "full_resolution_from_step": (pyramid_full_step(resolution, cfg.grow_every)
+                      "full_resolution_from_step": (pyramid_full_step(resolution, grow_every)
                                                     if cfg.param == "pyramid" and cfg.init == "noise" else 0)},
         "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": side.augs},
-        "real": {**real.describe(), "batch_resolved": "full" if real_batch is None else min(real_batch, real.num_rows)},
+        "real": {**real.describe(), "batch_resolved": "full" if real_batch is None else min(real_batch, real.num_rows),
+                 "plan": real_plan},
         "optimizer": {"name": "Adam", "lr": cfg.lr, "lr_history": lr_history,
                       "reset_on_pyramid_growth": cfg.param == "pyramid"},
         "chunk": {"copies_per_pass": copies_per_pass, "copies_per_step": copies_per_step, **pass_info},
@@ -336,7 +376,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                                  "copies_per_rank": [len(share) for share in shares],
                                  "note": "device, chunk and peak memory are rank 0's"}
     return Run(cfg=cfg, ctx=ctx, out=out, store=store, split=split, backbone=backbone, objective=objective,
-               lr_history=lr_history,
+               lr_history=lr_history, resolved=resolved, probe=probe,
                generators=generators, real=real, synthetic=synthetic, side=side, optimizer=optimizer,
                copies_per_pass=copies_per_pass, config=config, metrics=metrics, start_step=start_step,
                resumed=checkpoint is not None, last_saved=start_step if checkpoint is not None else None)
@@ -422,11 +462,22 @@ def steps(run: Run) -> None:
                             append_metric(metrics_path, record)
                         if index % cfg.checkpoint_every == 0 or index == cfg.steps:
                             run.save_checkpoint(index)
+                    if run.probe is not None and (index % cfg.eval_every == 0 or index == cfg.steps):
+                        t_probe = time.perf_counter()
+                        top1 = run.probe()
+                        probe_seconds = time.perf_counter() - t_probe
+                        run_start += probe_seconds  # distillation time excludes the probe's
+                        probed = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(probe_seconds, 3),
+                                  "seconds": record["seconds"]}
+                        run.metrics.append(probed)
+                        append_metric(metrics_path, probed)
+                        bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
                 except KeyboardInterrupt:
                     if index != run.last_saved:
                         run.save_checkpoint(index)
                     raise DistillInterrupted(index, True, run.out) from None
-                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if run.probe is None or "probe_top1" not in run.metrics[-1]:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
                 bar.update(1)
     finally:
         bar.close()
@@ -471,7 +522,12 @@ def finish(run: Run) -> DistillResult:
     labels = run.synthetic.labels.cpu()
     index = run.metrics[-1]["step"] if run.metrics else run.start_step
     run.config["steps_done"] = index
-    run.config["final_loss"] = run.metrics[-1]["loss"] if run.metrics else None
+    losses = [m["loss"] for m in run.metrics if "loss" in m]
+    run.config["final_loss"] = losses[-1] if losses else None
+    probes = [m for m in run.metrics if "probe_top1" in m]
+    if probes:
+        run.config["probe"] = {"final_top1": probes[-1]["probe_top1"], "at_step": probes[-1]["step"],
+                               "recipe": PROBE_NOTE}
     class_names = run.store.class_names
     if run.main:
         write_imagefolder(run.out / "images", images, labels, class_names)
@@ -481,6 +537,6 @@ def finish(run: Run) -> DistillResult:
         save_loss_plot(run.out / "loss.png", run.metrics,
                        f"{run.cfg.method} {run.split.backbone} ipc={run.cfg.ipc} ({run.store.dataset})")
     return DistillResult(out=run.out, images=images, labels=labels, class_names=class_names,
-                         losses=[m["loss"] for m in run.metrics], steps_done=index,
+                         losses=[m["loss"] for m in run.metrics if "loss" in m], steps_done=index,
                          resumed_from=run.start_step if run.resumed else None, config=run.config,
                          rank=run.ctx.rank, world_size=run.ctx.world_size)

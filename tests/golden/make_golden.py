@@ -36,11 +36,10 @@ def pipeline_outputs(work: Path) -> dict[str, np.ndarray]:
         out[f"store_{split}_features"] = data.features.numpy()
         out[f"store_{split}_class_mean"] = fs.split("test-cnn", split).class_mean()
     common = dict(store=str(store), backbone="test-cnn", ipc=1, augs=2, quiet=True, device="cpu", seed=3)
-    lgm = distill(DistillConfig(out=str(work / "lgm"), steps=6, grow_every=2, chunk=3, checkpoint_every=4, **common))
+    lgm = distill(DistillConfig(out=str(work / "lgm"), steps=8, grow_every=1, chunk=3, checkpoint_every=4, **common))
     out["lgm_images"] = lgm.images.numpy()
     out["lgm_losses"] = np.array(lgm.losses)
-    clp = distill(DistillConfig(out=str(work / "clp"), method="clp", steps=4, grow_every=2, real_batch="full",
-                                **common))
+    clp = distill(DistillConfig(out=str(work / "clp"), method="clp", steps=7, real_batch="full", **common))
     out["clp_images"] = clp.images.numpy()
     out["clp_losses"] = np.array(clp.losses)
     centroid = make_baseline(store, "test-cnn", "centroid", work / "centroid", device="cpu", quiet=True)
