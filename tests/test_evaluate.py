@@ -4,7 +4,6 @@ determinism, outputs, and `engine eval` errors."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
