@@ -136,10 +136,11 @@ def test_outputs_on_disk(store, tmp_path):
         assert fh.get_tensor("labels").tolist() == [c for c in range(CLASSES) for _ in range(2)]
         assert json.loads(fh.metadata()["class_names"]) == names
     config = json.loads((out / "config.json").read_text())
-    assert config["store"]["fingerprint"] == FeatureStore.open(store).split(BACKBONE, "train").fingerprint
-    assert config["backbone"]["fingerprint"] == create_backbone(BACKBONE).fingerprint
+    [backbone_record] = config["backbones"]
+    assert backbone_record["store"]["fingerprint"] == FeatureStore.open(store).split(BACKBONE, "train").fingerprint
+    assert backbone_record["fingerprint"] == create_backbone(BACKBONE).fingerprint
     assert config["method"] == "lgm" and config["arguments"]["ipc"] == 2 and config["steps_done"] == 7
-    assert config["real"]["batch_resolved"] == "full" and config["tool_version"]  # --real-batch auto
+    assert backbone_record["real"]["batch_resolved"] == "full" and config["tool_version"]  # --real-batch auto
     assert config["torch_version"] == torch.__version__ and config["seeds"]["seed"] == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6, 7] and all(m["peak_memory_mb"] > 0 for m in lines)

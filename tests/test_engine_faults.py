@@ -42,7 +42,8 @@ def store(tmp_path_factory) -> Path:
 
 
 def _config(store: Path, out: Path, **kw) -> DistillConfig:
-    base = dict(store=str(store), backbone=BACKBONE, out=str(out), ipc=1, steps=3, augs=1, grow_every=1,
+    # test-cnn's 36 px pyramid has 7 levels: a level every step completes it at step 7.
+    base = dict(store=str(store), backbone=BACKBONE, out=str(out), ipc=1, steps=7, augs=1, grow_every=1,
                 checkpoint_every=1, quiet=True, device="cpu")
     base.update(kw)
     return DistillConfig(**base)
@@ -121,10 +122,10 @@ def test_nan_advice_works_lr_may_change_on_resume(store, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         _nan_on_call(m, 3)
         with pytest.raises(NonFiniteLossError, match="rerun with --resume and a lower --lr") as info:
-            distill(_config(store, out, steps=4))
+            distill(_config(store, out, steps=8))
     assert "step 3" in str(info.value)
-    resumed = distill(_config(store, out, steps=4, lr=1e-4, resume=True))
-    assert resumed.steps_done == 4 and resumed.resumed_from == 2
+    resumed = distill(_config(store, out, steps=8, lr=1e-4, resume=True))
+    assert resumed.steps_done == 8 and resumed.resumed_from == 2
     config = json.loads((out / "config.json").read_text())
     assert config["optimizer"]["lr_history"] == [{"from_step": 0, "lr": 2e-3}, {"from_step": 2, "lr": 1e-4}]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -139,13 +140,13 @@ def test_nan_before_any_checkpoint_restarts_with_the_same_command(store, tmp_pat
         with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet: rerun the same command"):
             distill(_config(store, out))
     assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
-    assert distill(_config(store, out)).steps_done == 3
+    assert distill(_config(store, out)).steps_done == 7
     # A run killed before its first checkpoint: --resume starts it again too.
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "config.json").write_text("{}")
     (killed / "metrics.jsonl").write_text("")
-    assert distill(_config(store, killed, resume=True)).steps_done == 3
+    assert distill(_config(store, killed, resume=True)).steps_done == 7
 
 
 def test_resume_refuses_a_store_rebuilt_from_other_images(tmp_path):
@@ -153,13 +154,13 @@ def test_resume_refuses_a_store_rebuilt_from_other_images(tmp_path):
     path = tmp_path / "fs"
     build("gratings", BACKBONE, path, limit_per_class=4, dtype="fp32", workers=0, quiet=True, splits=["train"])
     out = tmp_path / "run"
-    distill(_config(path, out, steps=2))
+    distill(_config(path, out, steps=7))
     import shutil
 
     shutil.rmtree(path)
     build("gratings", BACKBONE, path, limit_per_class=3, dtype="fp32", workers=0, quiet=True, splits=["train"])
     with pytest.raises(DistillError, match="changed since the checkpoint"):
-        distill(_config(path, out, steps=4, resume=True))
+        distill(_config(path, out, steps=8, resume=True))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,18 +206,18 @@ def test_a_second_run_into_a_held_out_dir_is_refused_naming_the_holder(store, tm
     out = tmp_path / "shared"
     with exclusive_lock(out, "output directory"):
         line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
-                                    "--steps", "1", "--quiet", "--device", "cpu"))
+                                    "--steps", "7", "--quiet", "--device", "cpu"))
         assert "in use by another run" in line and f"pid {os.getpid()}" in line
         assert not (out / "config.json").exists()
-    assert distill(_config(store, out, steps=1)).steps_done == 1  # the lock dies with its holder
+    assert distill(_config(store, out)).steps_done == 7  # the lock dies with its holder
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(store, tmp_path):
     """Before: SIGTERM (what schedulers send) killed a single-process run without a checkpoint."""
     out = tmp_path / "term"
     cmd = [sys.executable, "-m", "cli.engine", "distill", "--store", str(store), "--backbone", BACKBONE, "--out",
-           str(out), "--steps", "100000", "--augs", "1", "--grow-every", "1", "--checkpoint-every", "100000", "--quiet",
-           "--device", "cpu"]
+           str(out), "--steps", "100000", "--augs", "1", "--param", "pixels", "--checkpoint-every", "100000",
+           "--quiet", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
@@ -231,7 +232,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(store, tmp_path):
     assert "interrupted at step" in err and "checkpoint saved" in err
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert step >= 3
-    resumed = distill(_config(store, out, steps=step + 1, checkpoint_every=100000, resume=True))
+    resumed = distill(_config(store, out, steps=step + 1, param="pixels", checkpoint_every=100000, resume=True))
     assert resumed.resumed_from == step and resumed.steps_done == step + 1
 
 
@@ -298,7 +299,7 @@ def test_a_long_class_name_is_capped_up_front(tmp_path):
     store = tmp_path / "fs"
     build("imagenet", BACKBONE, store, data_root=root, dtype="fp32", workers=0, quiet=True)
     out = tmp_path / "run"
-    result = distill(_config(store, out, steps=1))
+    result = distill(_config(store, out))
     folders = sorted(p.name for p in (out / "images").iterdir())
     assert all(len(f) <= MAX_FOLDER_CHARS for f in folders) and len(folders) == 2
     images, labels, _ = read_imagefolder(out / "images", result.class_names)
@@ -311,7 +312,7 @@ def test_outputs_are_not_private(store, tmp_path):
     old = os.umask(0o022)
     try:
         out = tmp_path / "run"
-        distill(_config(store, out, steps=1))
+        distill(_config(store, out))
     finally:
         os.umask(old)
     assert (out / "images").stat().st_mode & 0o777 == 0o755
@@ -321,7 +322,7 @@ def test_eval_without_out_keeps_each_sets_results(store, tmp_path):
     """Before: two sets in one folder both wrote <folder>/eval, the second overwriting the first."""
     sets = tmp_path / "sets"
     for name in ("a", "b"):
-        distill(_config(store, tmp_path / f"run-{name}", steps=1, seed=ord(name)))
+        distill(_config(store, tmp_path / f"run-{name}", seed=ord(name)))
         os.makedirs(sets, exist_ok=True)
         os.replace(tmp_path / f"run-{name}" / "images", sets / name)
     for name in ("a", "b"):
@@ -340,10 +341,10 @@ def test_progress_in_a_log_is_lines_not_redraws(store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(progress_module, "LINE_INTERVAL_S", 0.0)
     result = _cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(tmp_path / "run"),
-                  "--steps", "4", "--augs", "1", "--device", "cpu")
+                  "--steps", "7", "--augs", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output
-    assert "distill lgm: 4/4 step (100%)" in result.output
+    assert "distill lgm: 7/7 step (100%)" in result.output
 
 
 def test_grids_are_near_square_and_paged(tmp_path):
@@ -363,7 +364,7 @@ def test_grids_are_near_square_and_paged(tmp_path):
 def test_checkpoint_holds_only_plain_data(store, tmp_path):
     """What `weights_only=True` accepts: the checkpoint a run writes loads that way."""
     out = tmp_path / "run"
-    distill(_config(store, out, steps=2))
+    distill(_config(store, out))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 2 and isinstance(pickle.dumps(state["run"]), bytes)
+    assert state["step"] == 7 and isinstance(pickle.dumps(state["run"]), bytes)
     assert np.isfinite(state["metrics"][-1]["loss"])

@@ -42,8 +42,8 @@ def store_content(split) -> dict[str, Any]:
             "rows": split.n, "num_classes": split.store.num_classes}
 
 
-def run_identity(cfg: DistillConfig, split, resolved: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed by `cfg` on `split` (the store's real side); the
+def run_identity(cfg: DistillConfig, splits: list, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by `cfg` on `splits` (the real side of each backbone); the
     automatic options count by what they resolved to (`resolved`: grow_every, real_batch), so a resume
     that would change them (other --steps with --grow-every auto, another device's budget) is refused."""
     from dataclasses import asdict
@@ -52,7 +52,8 @@ def run_identity(cfg: DistillConfig, split, resolved: dict[str, Any]) -> dict[st
     ident["store"] = store_id(cfg.store)
     ident.update(resolved)
     ident["objective"] = asdict(objective_config(cfg.method, cfg.objective))
-    ident["store_content"] = store_content(split)
+    ident["backbone_weight"] = cfg.backbone_weight
+    ident["store_content"] = [store_content(split) for split in splits]
     return ident
 
 
@@ -89,13 +90,13 @@ def read_checkpoint(out: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(out: Path, cfg: DistillConfig, split, resolved: dict[str, Any]) -> dict[str, Any]:
+def load_checkpoint(out: Path, cfg: DistillConfig, splits: list, resolved: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint in `out`, checked against `cfg` and the store split it will run on; DistillError
     (one line) when it cannot resume it."""
     state = read_checkpoint(out)
     saved = state["run"]
-    ours = run_identity(cfg, split, resolved)
-    if saved.get("store_content") != ours["store_content"]:
+    ours = run_identity(cfg, splits, resolved)
+    if saved.get("backbone") == ours["backbone"] and saved.get("store_content") != ours["store_content"]:
         raise DistillError(f"--resume: the store at {cfg.store} changed since the checkpoint in {out} was made "
                            f"(it was {saved.get('store_content')}, it is now {ours['store_content']}): the run "
                            f"cannot continue on other data; start a new run in another --out")

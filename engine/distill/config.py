@@ -32,8 +32,11 @@ class DistillConfig:
     the options of `method` that were given (see `engine.objectives`; absent ones take its defaults)."""
 
     store: str = option(help="Feature store directory (from `fs build`).")
-    backbone: str = option(help="Backbone whose stored features give the real side.")
     out: str = option(help="Output directory (must be new or empty, unless --resume).")
+    backbone: list[str] = option(help="Backbone whose stored features give the real side; repeat it to distill "
+                                      "one set against several backbones at once.", factory=list)
+    backbone_weight: list[float] = option(help="Weight of each --backbone's loss in the mean (default: equal), "
+                                               "one per --backbone.", factory=list)
     method: str = option("lgm", f"Objective: {' or '.join(METHODS)} (linear gradient matching, closed-form probe).")
     ipc: int = option(1, "Synthetic images per class.")
     steps: int = option(5000, "Optimization steps.")
@@ -63,11 +66,29 @@ class DistillConfig:
     objective: dict[str, Any] = option(help="Options of the objective given (engine.objectives)", cli=False,
                                        factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, str):  # one backbone, as a plain string (the Python API's usual form)
+            self.backbone = [self.backbone]
+        self.backbone = list(self.backbone)
+        self.backbone_weight = [float(w) for w in self.backbone_weight]
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def validate(self) -> None:
         """Everything that is wrong whatever the store holds; DistillError with one line."""
+        if not self.backbone:
+            raise DistillError("give at least one --backbone (the store's backbone whose features are the real side)")
+        if len(set(self.backbone)) != len(self.backbone):
+            raise DistillError(f"--backbone repeated: {', '.join(self.backbone)}")
+        if self.backbone_weight and len(self.backbone_weight) != len(self.backbone):
+            raise DistillError(f"got {len(self.backbone_weight)} --backbone-weight for {len(self.backbone)} --backbone: "
+                               f"give one per --backbone, or none (equal weights)")
+        if any(not (math.isfinite(w) and w > 0) for w in self.backbone_weight):
+            raise DistillError(f"--backbone-weight must be positive finite numbers, got {self.backbone_weight}")
+        if len(self.backbone) > 1 and (self.weights is not None or self.image_size is not None):
+            raise DistillError("--weights and --image-size apply to one --backbone: with several, each backbone "
+                               "uses the weights and size its store was built with")
         if self.method not in METHODS:
             raise DistillError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:

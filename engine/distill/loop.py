@@ -79,6 +79,26 @@ class DistillResult:
 
 
 @dataclass
+class Member:
+    """One backbone of a run: its stored real side, its pass of the synthetic copies, its weight in the
+    loss (a run distilled against several backbones has one member each)."""
+
+    split: Any  # the store split giving the real side
+    backbone: Any
+    real: RealSource
+    side: SyntheticSide
+    weight: float  # normalized: the members' weights sum to 1
+    copies_per_pass: int = 0
+    pass_info: dict[str, Any] = field(default_factory=dict)
+    real_plan: str = ""
+    probe: Callable[[], float] | None = None  # --eval-every: top-1 of the current images (rank 0)
+
+    @property
+    def name(self) -> str:
+        return self.split.backbone
+
+
+@dataclass
 class Run:
     """Everything `setup` prepares and the steps share."""
 
@@ -86,33 +106,32 @@ class Run:
     ctx: DistContext
     out: Path
     store: Any
-    split: Any
-    backbone: Any
+    members: list[Member]
     objective: Objective
     generators: dict[str, torch.Generator]
-    real: RealSource
     synthetic: SyntheticImages
-    side: SyntheticSide
     optimizer: torch.optim.Optimizer
-    copies_per_pass: int
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
     start_step: int
     resumed: bool
     lr_history: list[dict[str, Any]]
     resolved: dict[str, Any]  # what the automatic options resolved to (grow_every, real_batch)
-    probe: Callable[[], float] | None = None  # --eval-every: top-1 of the current images (rank 0)
     last_saved: int | None = None
 
     @property
     def main(self) -> bool:
         return self.ctx.is_main
 
+    @property
+    def splits(self) -> list[Any]:
+        return [m.split for m in self.members]
+
     def save_checkpoint(self, step: int) -> None:
         if not self.main:  # every rank holds the same state; rank 0 writes it
             return
         save_checkpoint(self.out, {
-            "step": step, "run": run_identity(self.cfg, self.split, self.resolved),
+            "step": step, "run": run_identity(self.cfg, self.splits, self.resolved),
             "synthetic": self.synthetic.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_history": self.lr_history,
             "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics})
@@ -206,14 +225,6 @@ def _agree(error: Exception | None) -> None:
                            "nothing was written")
 
 
-def _load_backbone(cfg: DistillConfig, split, device: torch.device):
-    if cfg.image_size is not None and cfg.image_size != split.image_size:
-        raise DistillError(f"the store's {split.backbone}/{split.split_name} features were computed at "
-                           f"{split.image_size} px, not --image-size {cfg.image_size}: omit --image-size, or "
-                           f"build a store at that size")
-    return split.open_backbone(device, weights=cfg.weights)
-
-
 # Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels),
 # their gradients and two Adam moments (4 x 4/3 x 4 bytes), plus the decoded images and the buffers of
 # decoding them forward and backward (~5 x 4 bytes). An estimate, to refuse impossible runs up front.
@@ -236,12 +247,12 @@ PROBE_NOTE = ("--eval-every: 1 seed, 10 cached views, 300 epochs, tested on the 
               "estimate; `engine eval` runs the full protocol")
 
 
-def _quick_probe(cfg: DistillConfig, ctx: DistContext, store, split, backbone, synthetic) -> Callable[[], float] | None:
-    """The --eval-every probe of the current images (rank 0 only; None on other ranks). It draws from
-    its own generators, so a run's trajectory is the same with or without it."""
+def _quick_probe(cfg: DistillConfig, ctx: DistContext, store, member: Member, synthetic) -> Callable[[], float] | None:
+    """The --eval-every probe of the current images on one backbone (rank 0 only; None on other ranks).
+    It draws from its own generators, so a run's trajectory is the same with or without it."""
     from engine.evaluate import quick_probe
 
-    val_split = store.split(split.backbone, "val")  # a missing val split: one line naming what there is
+    val_split = store.split(member.name, "val")  # a missing val split: one line naming what there is
     if not ctx.is_main:
         return None
     val = val_split.load(view=0, device=ctx.device)
@@ -249,7 +260,7 @@ def _quick_probe(cfg: DistillConfig, ctx: DistContext, store, split, backbone, s
     def probe() -> float:
         with torch.no_grad():
             images = synthetic.images().detach()
-        return quick_probe(backbone, images, synthetic.labels, val.features, val.labels, store.num_classes,
+        return quick_probe(member.backbone, images, synthetic.labels, val.features, val.labels, store.num_classes,
                            seed=cfg.seed)
 
     return probe
@@ -273,50 +284,76 @@ def _real_init_images(split, num_classes: int, ipc: int, resolution: int, genera
     return torch.stack([canonical_image(dataset.load_image(i), resolution) for i in indices])
 
 
+def _splits(cfg: DistillConfig, store) -> list[Any]:
+    """The store split of every --backbone, checked to describe one dataset at one image size: the
+    synthetic images are shared, so every backbone must see the same samples at the same resolution."""
+    splits = [store.split(name, cfg.split) for name in cfg.backbone]
+    first = splits[0]
+    for split in splits:
+        if split.num_valid == 0:
+            raise DistillError(f"{split.backbone}/{cfg.split} of {cfg.store} has no usable rows (every sample was "
+                               f"skipped): nothing to distill from; see `fs info --store {cfg.store}`")
+        for what, ours, theirs in (
+                ("samples (sample ids and labels)", split.attrs.get("samples_digest"), first.attrs.get("samples_digest")),
+                ("image size", (split.image_size, split.resize_size), (first.image_size, first.resize_size))):
+            if ours != theirs:
+                raise DistillError(f"{split.backbone}/{cfg.split} and {first.backbone}/{cfg.split} in {cfg.store} hold "
+                                   f"different {what} ({ours} vs {theirs}): distill several backbones only from "
+                                   f"splits built from the same images at the same --image-size")
+    return splits
+
+
 def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     from featurestore.store import FeatureStore
 
     out = Path(cfg.out).expanduser()
     resume = check_out_dir(out, cfg.resume, ctx.is_main)
     store = FeatureStore.open(cfg.store)
-    split = store.split(cfg.backbone, cfg.split)
+    splits = _splits(cfg, store)
     num_classes = store.num_classes
-    if split.num_valid == 0:
-        raise DistillError(f"{split.backbone}/{cfg.split} of {cfg.store} has no usable rows (every sample was "
-                           f"skipped): nothing to distill from; see `fs info --store {cfg.store}`")
     objective = get_objective(cfg.method, num_classes, **cfg.objective)
-    resolution = split.resize_size
+    resolution = splits[0].resize_size
     grow_every = (auto_grow_every(resolution, cfg.steps) if parse_grow_every(cfg.grow_every) == "auto"
                   else int(cfg.grow_every))
     if cfg.param == "pyramid" and cfg.init == "noise":
-        problem = check_schedule(resolution, grow_every, cfg.steps)
+        problem = check_schedule(resolution, grow_every, cfg.steps)  # before anything is loaded
         if problem is not None:
             raise DistillError(problem)
     device = ctx.device
-    real_batch, real_plan = plan_real_batch(parse_real_batch(cfg.real_batch), split.num_valid, num_classes,
-                                            split.dim, cfg.ipc * cfg.augs * num_classes, device.type)
-    resolved = {"grow_every": grow_every, "real_batch": "full" if real_batch is None else real_batch}
-    checkpoint = load_checkpoint(out, cfg, split, resolved) if resume else None
+    plans = [plan_real_batch(parse_real_batch(cfg.real_batch), split.num_valid, num_classes, split.dim,
+                             cfg.ipc * cfg.augs * num_classes, device.type) for split in splits]
+    grows = cfg.param == "pyramid" and cfg.init == "noise"  # only a growing pyramid has a schedule
+    resolved = {"grow_every": grow_every if grows else None,
+                "real_batch": ["full" if batch is None else batch for batch, _ in plans]}
+    checkpoint = load_checkpoint(out, cfg, splits, resolved) if resume else None
     check_memory(cfg, num_classes, resolution, device)
-    backbone = _load_backbone(cfg, split, device)
-    if ctx.is_main and not cfg.quiet:
-        print(real_plan, file=sys.stderr)
+    if cfg.image_size is not None and cfg.image_size != splits[0].image_size:
+        raise DistillError(f"the store's {splits[0].backbone}/{cfg.split} features were computed at "
+                           f"{splits[0].image_size} px, not --image-size {cfg.image_size}: omit --image-size, or "
+                           f"build a store at that size")
+    weights = cfg.backbone_weight or [1.0] * len(splits)
+    members = []
+    for split, (real_batch, real_plan), weight in zip(splits, plans, weights):
+        backbone = split.open_backbone(device, weights=cfg.weights)
+        if cfg.real_source == "store":
+            real: RealSource = StoreRealSource.from_split(split, batch=real_batch, augment_views=cfg.augment,
+                                                          device=device)
+        else:
+            real = ImageRealSource.from_split(split, backbone, batch=real_batch, augment_images=cfg.augment)
+        members.append(Member(split=split, backbone=backbone, real=real, weight=weight / sum(weights),
+                              side=SyntheticSide(backbone, cfg.augs, cfg.augment, AugmentConfig()),
+                              real_plan=real_plan))
+        if ctx.is_main and not cfg.quiet:
+            print(real_plan if len(splits) == 1 else f"{split.backbone}: {real_plan}", file=sys.stderr)
     generators = make_generators(cfg.seed)
-    if cfg.real_source == "store":
-        real: RealSource = StoreRealSource.from_split(split, batch=real_batch, augment_views=cfg.augment,
-                                                      device=device)
-    else:
-        real = ImageRealSource.from_split(split, backbone, batch=real_batch, augment_images=cfg.augment)
     if checkpoint is None and cfg.init == "real":
-        init_images = _real_init_images(split, num_classes, cfg.ipc, resolution, generators["init"])
+        init_images = _real_init_images(splits[0], num_classes, cfg.ipc, resolution, generators["init"])
     elif checkpoint is not None:  # overwritten by the checkpoint: no draw, no image reads
         init_images = torch.zeros(num_classes * cfg.ipc, 3, resolution, resolution)
     else:
         init_images = None
     synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution, init=cfg.init, real_images=init_images,
                                grow_every=grow_every, generator=generators["init"], device=device)
-    probe = _quick_probe(cfg, ctx, store, split, backbone, synthetic) if cfg.eval_every else None
-    side = SyntheticSide(backbone, cfg.augs, cfg.augment, AugmentConfig())
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
     metrics: list[dict[str, Any]] = []
     start_step = 0
@@ -342,29 +379,35 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                 group["lr"] = cfg.lr
             if ctx.is_main:
                 print(f"note: --lr {lr_history[-2]['lr']} -> {cfg.lr} from step {start_step}", file=sys.stderr)
-    copies_per_step = side.copies(synthetic.n)
+    copies_per_step = members[0].side.copies(synthetic.n)
     shares = [contiguous_share(copies_per_step, r, ctx.world_size) for r in range(ctx.world_size)]
-    copies_per_pass, pass_info = resolve_copies_per_pass(parse_chunk(cfg.chunk), side, synthetic.images().detach(),
-                                                         copies=max(1, len(shares[ctx.rank])))
+    for member in members:
+        member.copies_per_pass, member.pass_info = resolve_copies_per_pass(
+            parse_chunk(cfg.chunk), member.side, synthetic.images().detach(), copies=max(1, len(shares[ctx.rank])))
+        if cfg.eval_every:
+            member.probe = _quick_probe(cfg, ctx, store, member, synthetic)
     config = {
         "arguments": cfg.to_json(),
         "method": cfg.method,
         "objective": objective.config(),
         "seeds": {"seed": cfg.seed, **{f"{k}_generator": derived_seed(cfg.seed, k) for k in GENERATORS}},
-        "store": {"path": store_id(cfg.store), "dataset": store.dataset,
-                  "backbone": split.backbone, "split": cfg.split, "fingerprint": split.fingerprint,
-                  "rows": real.num_rows, "views": split.views, "dtype": split.attrs.get("dtype")},
-        "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint, "image_size": backbone.image_size,
-                     "resize_size": backbone.resize_size, "weights_path": backbone.weights_path},
+        "store": {"path": store_id(cfg.store), "dataset": store.dataset, "split": cfg.split,
+                  "rows": members[0].real.num_rows},
+        "backbones": [{
+            "name": m.backbone.name, "weight": m.weight, "fingerprint": m.backbone.fingerprint,
+            "image_size": m.backbone.image_size, "resize_size": m.backbone.resize_size,
+            "weights_path": m.backbone.weights_path,
+            "store": {"fingerprint": m.split.fingerprint, "views": m.split.views, "dtype": m.split.attrs.get("dtype")},
+            "real": {**m.real.describe(), "plan": m.real_plan,
+                     "batch_resolved": "full" if m.real.batch is None else min(m.real.batch, m.real.num_rows)},
+            "chunk": {"copies_per_pass": m.copies_per_pass, "copies_per_step": copies_per_step, **m.pass_info},
+        } for m in members],
         "synthetic": {**synthetic.describe(), "num_images": synthetic.n, "ipc": cfg.ipc,
                       "full_resolution_from_step": (pyramid_full_step(resolution, grow_every)
                                                     if cfg.param == "pyramid" and cfg.init == "noise" else 0)},
-        "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": side.augs},
-        "real": {**real.describe(), "batch_resolved": "full" if real_batch is None else min(real_batch, real.num_rows),
-                 "plan": real_plan},
+        "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": members[0].side.augs},
         "optimizer": {"name": "Adam", "lr": cfg.lr, "lr_history": lr_history,
                       "reset_on_pyramid_growth": cfg.param == "pyramid"},
-        "chunk": {"copies_per_pass": copies_per_pass, "copies_per_step": copies_per_step, **pass_info},
         "device": str(device), "amp": "bf16 autocast (backbone forward)" if device.type == "cuda" else "fp32",
         "class_names": store.class_names, "class_folders": class_folder_names(store.class_names),
         "tool_version": tool_version(), "torch_version": torch.__version__,
@@ -375,10 +418,9 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         config["distributed"] = {"world_size": ctx.world_size, "backend": ctx.backend,
                                  "copies_per_rank": [len(share) for share in shares],
                                  "note": "device, chunk and peak memory are rank 0's"}
-    return Run(cfg=cfg, ctx=ctx, out=out, store=store, split=split, backbone=backbone, objective=objective,
-               lr_history=lr_history, resolved=resolved, probe=probe,
-               generators=generators, real=real, synthetic=synthetic, side=side, optimizer=optimizer,
-               copies_per_pass=copies_per_pass, config=config, metrics=metrics, start_step=start_step,
+    return Run(cfg=cfg, ctx=ctx, out=out, store=store, members=members, objective=objective,
+               lr_history=lr_history, resolved=resolved, generators=generators, synthetic=synthetic,
+               optimizer=optimizer, config=config, metrics=metrics, start_step=start_step,
                resumed=checkpoint is not None, last_saved=start_step if checkpoint is not None else None)
 
 
@@ -386,28 +428,36 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
 # steps
 
 
-def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, bool]:
-    """Optimization step `index` (0-based) up to the gradient reduction: returns (loss, any rank asked to
-    stop; `stop_requested[0]` is read at the reduction, after this rank's forward and backward). The
-    optimizer update is left to the caller (it must not be interrupted halfway)."""
+def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[float], bool]:
+    """Optimization step `index` (0-based) up to the gradient reduction: returns (loss, each backbone's
+    loss, any rank asked to stop; `stop_requested[0]` is read at the reduction, after this rank's forward
+    and backward). The optimizer update is left to the caller (it must not be interrupted halfway).
+
+    Several backbones: the loss is the weighted mean of their objectives. The copies share one
+    augmentation draw; each backbone back-propagates its own term into the shared image parameters (so
+    memory stays bounded by one backbone's pass)."""
     synthetic, generators = run.synthetic, run.generators
-    # The order of random draws: growth (init stream), real batch, augmentations, then the head.
+    # The order of random draws: growth (init stream), real batches, augmentations, then the heads.
     if synthetic.grow(index):
         run.optimizer = torch.optim.Adam(synthetic.parameters(), lr=run.cfg.lr)
-    real_features, real_labels = run.real.sample(generators["real"])
-    plan = run.side.draw(synthetic.n, generators["augment"])
+    reals = [member.real.sample(generators["real"]) for member in run.members]
+    plan = run.members[0].side.draw(synthetic.n, generators["augment"])
     run.optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for member, (real_features, real_labels) in zip(run.members, reals):
+        def loss_fn(syn_features: Tensor, copy_labels: Tensor, weight=member.weight, real_features=real_features,
+                    real_labels=real_labels) -> Tensor:
+            return weight * run.objective.loss(syn_features, copy_labels, real_features, real_labels,
+                                               generators["head"])
 
-    def loss_fn(syn_features: Tensor, copy_labels: Tensor) -> Tensor:
-        return run.objective.loss(syn_features, copy_labels, real_features, real_labels, generators["head"])
-
-    loss = run.side.loss_and_backward(synthetic.images, synthetic.labels, plan, run.copies_per_pass, loss_fn,
-                                      run.ctx.rank, run.ctx.world_size)
-    loss_value = float(loss)
+        loss = member.side.loss_and_backward(synthetic.images, synthetic.labels, plan, member.copies_per_pass,
+                                             loss_fn, run.ctx.rank, run.ctx.world_size)
+        losses.append(float(loss) / member.weight)
+    loss_value = sum(member.weight * value for member, value in zip(run.members, losses))
     any_stop, any_nonfinite = reduce_step(synthetic.parameters(), stop_requested[0], not math.isfinite(loss_value))
     if any_nonfinite and math.isfinite(loss_value):
         loss_value = float("nan")  # another rank saw a non-finite loss: stop with it
-    return loss_value, any_stop
+    return loss_value, losses, any_stop
 
 
 def steps(run: Run) -> None:
@@ -430,7 +480,7 @@ def steps(run: Run) -> None:
                 states = {k: g.get_state() for k, g in run.generators.items() if k != "init"}
                 t0 = time.perf_counter()
                 try:
-                    loss_value, any_stop = step(run, index, stop_requested)
+                    loss_value, member_losses, any_stop = step(run, index, stop_requested)
                 except KeyboardInterrupt:
                     any_stop = True
                 if any_stop:
@@ -455,6 +505,8 @@ def steps(run: Run) -> None:
                         record = {"step": index, "loss": loss_value, "step_seconds": round(now - t0, 6),
                                   "seconds": round(elapsed_before + now - run_start, 6),
                                   "peak_memory_mb": round(_peak_memory_mb(device), 2)}
+                        if len(run.members) > 1:
+                            record["loss_by_backbone"] = {m.name: v for m, v in zip(run.members, member_losses)}
                         if cfg.param == "pyramid":
                             record["levels"] = len(run.synthetic.parameters())
                         run.metrics.append(record)
@@ -462,13 +514,17 @@ def steps(run: Run) -> None:
                             append_metric(metrics_path, record)
                         if index % cfg.checkpoint_every == 0 or index == cfg.steps:
                             run.save_checkpoint(index)
-                    if run.probe is not None and (index % cfg.eval_every == 0 or index == cfg.steps):
+                    probes = [m for m in run.members if m.probe is not None]
+                    if probes and (index % cfg.eval_every == 0 or index == cfg.steps):
                         t_probe = time.perf_counter()
-                        top1 = run.probe()
+                        by_backbone = {m.name: round(m.probe(), 3) for m in probes}
+                        top1 = sum(by_backbone.values()) / len(by_backbone)
                         probe_seconds = time.perf_counter() - t_probe
                         run_start += probe_seconds  # distillation time excludes the probe's
                         probed = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(probe_seconds, 3),
                                   "seconds": record["seconds"]}
+                        if len(by_backbone) > 1:
+                            probed["probe_top1_by_backbone"] = by_backbone
                         run.metrics.append(probed)
                         append_metric(metrics_path, probed)
                         bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
@@ -476,7 +532,7 @@ def steps(run: Run) -> None:
                     if index != run.last_saved:
                         run.save_checkpoint(index)
                     raise DistillInterrupted(index, True, run.out) from None
-                if run.probe is None or "probe_top1" not in run.metrics[-1]:
+                if "probe_top1" not in run.metrics[-1]:
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
                 bar.update(1)
     finally:
@@ -535,7 +591,8 @@ def finish(run: Run) -> DistillResult:
         save_safetensors(run.out / "distilled.safetensors", images, labels, class_names, run.config)
         save_grid(run.out / "grid.png", images, labels, class_names)
         save_loss_plot(run.out / "loss.png", run.metrics,
-                       f"{run.cfg.method} {run.split.backbone} ipc={run.cfg.ipc} ({run.store.dataset})")
+                       f"{run.cfg.method} {' + '.join(m.name for m in run.members)} ipc={run.cfg.ipc} "
+                       f"({run.store.dataset})")
     return DistillResult(out=run.out, images=images, labels=labels, class_names=class_names,
                          losses=[m["loss"] for m in run.metrics if "loss" in m], steps_done=index,
                          resumed_from=run.start_step if run.resumed else None, config=run.config,
