@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from engine.distributed import all_gather_rows
-from featurestore.augment import AugmentConfig, AugmentParams, apply_params, center_crop, sample_params
+from featurestore.augment import AugmentConfig, AugmentParams, apply_each, center_crop, sample_params
 from featurestore.backbones import Backbone
 from featurestore.distributed import contiguous_share
 
@@ -65,13 +65,15 @@ class SyntheticSide:
         return [sample_params(1, generator, self.augment_config) for _ in range(n * self.augs)]
 
     def augmented(self, images: Tensor, plan: list[AugmentParams] | None, start: int, stop: int) -> Tensor:
-        """Copies start..stop-1 of the step."""
+        """Copies start..stop-1 of the step. One batched gather of the source images (its backward is one
+        index_add, linear in the copies; indexing one image per copy would make a full-size gradient per
+        copy, quadratic in the number of images) and one batched sampling pass."""
         n = images.shape[0]
         size = self.backbone.image_size
         if plan is None:
             return center_crop(images[start:stop], size)
-        return torch.cat([apply_params(images[m % n][None], plan[m], size, self.augment_config)
-                          for m in range(start, stop)])
+        sources = images.index_select(0, torch.arange(start, stop, device=images.device) % n)
+        return apply_each(sources, plan[start:stop], size, self.augment_config)
 
     def features(self, images: Tensor, plan: list[AugmentParams] | None, start: int, stop: int) -> Tensor:
         return self.backbone.embed(self.augmented(images, plan, start, stop), grad=True)
