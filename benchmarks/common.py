@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from featurestore.runtime import atomic_write_bytes
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -63,11 +65,12 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
-    """Write `<name>.json` and `<name>.md` (machine stamp at the top of both)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write `<name>.json` and `<name>.md` (machine stamp at the top of both), each atomically (temp file +
+    rename): a benchmark calls this once, at the end, so an interrupted or failed run leaves the committed
+    results as they were."""
     info = payload.setdefault("machine", machine_info())
     json_path = out_dir / f"{name}.json"
     md_path = out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    md_path.write_text(f"# {name}\n\nMachine: {machine_line(info)}\n\n{markdown}")
+    atomic_write_bytes(json_path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(md_path, f"# {name}\n\nMachine: {machine_line(info)}\n\n{markdown}".encode())
     return json_path, md_path
