@@ -19,16 +19,26 @@ the [block, C] buffer is a few MB and the BLAS runs near peak. The result is det
 
 Accumulation is in float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs (gradcheck);
 the outputs have that dtype.
+
+Dispatch by size (`linear_ce_grad`): when the whole N x C logits matrix is no larger than one row block
+(a few MB), blocking buys nothing and the op's fixed costs (two custom ops, the blocked loop) made it
+slower than the plain expression (0.52x at N=4096, C=10 on 2 CPU cores); there the plain torch expression
+runs, differentiated by autograd. Larger problems take the blocked op. `block_rows` > 0 forces the op.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .ops import linear_ce_grad_backward_op, linear_ce_grad_op
-from .validation import compute_dtype
+import torch
+from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["linear_ce_grad", "linear_ce_grad_op", "linear_ce_grad_backward_op", "compute_dtype"]
+from .blocked import block_elements
+from .ops import linear_ce_grad_backward_op, linear_ce_grad_op
+from .validation import check_inputs, compute_dtype
+
+__all__ = ["linear_ce_grad", "plain_linear_ce_grad", "linear_ce_grad_op", "linear_ce_grad_backward_op",
+           "compute_dtype"]
 
 
 def linear_ce_grad(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, *,
@@ -39,4 +49,19 @@ def linear_ce_grad(features: Tensor, labels: Tensor, weight: Tensor, bias: Tenso
     float32 (float64 if an input is float64). block_rows: rows per block, 0 = sized automatically.
     Raises ValueError for mismatched shapes, non-float inputs or labels out of range.
     """
+    small = features.shape[0] * weight.shape[0] <= block_elements(features.device)
+    # Under torch.compile / fake tensors the op (with its registered fake kernel) traces the call.
+    if block_rows == 0 and small and not is_fake(labels):
+        return plain_linear_ce_grad(features, labels, weight, bias)
     return linear_ce_grad_op(features, labels, weight, bias, block_rows)
+
+
+def plain_linear_ce_grad(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The same gradient as the plain torch expression over the whole N x C matrix (autograd backward)."""
+    check_inputs(features, labels, weight, bias, 0)
+    dtype = compute_dtype(features, weight, bias)
+    z = features.to(dtype)
+    probs = torch.softmax(torch.addmm(bias.to(dtype), z, weight.to(dtype).t()), dim=1)
+    residual = probs - torch.nn.functional.one_hot(labels.long(), weight.shape[0]).to(dtype)
+    n = features.shape[0]
+    return residual.t() @ z / n, residual.sum(0) / n

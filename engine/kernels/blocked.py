@@ -36,6 +36,12 @@ _BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 _MIN_BLOCK_ROWS = 64
 
 
+def block_elements(device: torch.device) -> int:
+    """Elements of one block's [rows, C] work buffer on `device`: a problem whose whole N x C matrix is no
+    larger gains nothing from blocking."""
+    return _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cpu"])
+
+
 def resolve_block_rows(block_rows: int, n: int, c: int, d: int, device: torch.device,
                        upcast_features: bool = False) -> int:
     """Rows per block: `block_rows` if positive, else from the per-device budget, split evenly over N.
@@ -45,7 +51,7 @@ def resolve_block_rows(block_rows: int, n: int, c: int, d: int, device: torch.de
     """
     if block_rows > 0:
         return min(block_rows, n)
-    budget = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["cpu"])
+    budget = block_elements(device)
     per_row = c + (d if upcast_features else 0)
     max_rows = max(_MIN_BLOCK_ROWS, budget // per_row)
     num_blocks = -(-n // max_rows)
