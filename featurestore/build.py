@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import warnings
@@ -387,9 +388,25 @@ def _default_workers(processes_per_node: int = 1) -> int:
     return max(1, min(8, cpus // max(1, processes_per_node)))
 
 
+def _close_inherited_locks(paths: tuple[str, ...], worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn
+    """DataLoader worker_init_fn: close the descriptors of the build lock a forked worker inherited. A
+    flock lasts while any process holds a descriptor of it, and workers notice their parent's death only
+    seconds later: a killed build would keep its store locked (naming a dead pid) until they exit."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc (not Linux): the lock lasts until the workers exit
+        return
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") in paths:
+                os.close(int(fd))
+        except OSError:
+            pass
+
+
 def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, units: list[int], *,
                    batch_size: int, workers: int, device: torch.device, seed: int, views: int,
-                   quiet: bool, desc: str) -> int:
+                   quiet: bool, desc: str, lock_paths: tuple[str, ...] = ()) -> int:
     """Run the backbone over `units` (in order) and write each; returns rows computed."""
     if not units:
         return 0
@@ -407,6 +424,7 @@ def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, un
     loader = DataLoader(ViewDataset(ds, backbone.resize_size, backbone.image_size, views, seed),
                         batch_sampler=batches, num_workers=workers, collate_fn=collate_views,
                         pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=functools.partial(_close_inherited_locks, lock_paths) if lock_paths else None,
                         prefetch_factor=4 if workers > 0 else None)
     bar = progress(total, desc, unit="img", disable=quiet)  # plain lines every 30 s when not a terminal
     try:
@@ -630,13 +648,15 @@ def _build_locked(ctx: DistContext, cfg: BuildConfig, location: StoreLocation, w
     #    it planned), creates groups and arrays (pre-sized once) and lists the unfinished units; the
     #    collective after it is the barrier the other ranks wait at before opening the store.
     plan: dict[str, list[int] | None] | None = None
+    lock_paths: tuple[str, ...] = ()
     if ctx.is_main:
         try:
             with _store_writes(location.url):
                 # fsspec (object) stores have no flock: concurrent builds there are the user's to avoid.
                 if prep.needs_write and location.local_path is not None:
-                    held.enter_context(exclusive_lock(_lock_dir(location, bb_name, shard_rank, shard_world),
-                                                      f"feature store {location}: the build lock"))
+                    lock = held.enter_context(exclusive_lock(_lock_dir(location, bb_name, shard_rank, shard_world),
+                                                             f"feature store {location}: the build lock"))
+                    lock_paths = (os.path.realpath(lock),)
                 plan = _create_and_plan(prep, shard_rank, shard_world, cfg.chunk_rows is not None)
         except Exception as exc:  # noqa: BLE001 - see above
             error = exc
@@ -672,7 +692,7 @@ def _build_locked(ctx: DistContext, cfg: BuildConfig, location: StoreLocation, w
             writer = _UnitWriter(group, ds, dict(group.attrs), where=location.url)
             written = _compute_units(model, ds, writer, mine, batch_size=cfg.batch_size, workers=workers,
                                      device=ctx.device, seed=cfg.seed, views=cfg.views,
-                                     quiet=cfg.quiet or not ctx.is_main, desc=desc)
+                                     quiet=cfg.quiet or not ctx.is_main, desc=desc, lock_paths=lock_paths)
         except Exception as exc:  # noqa: BLE001 - see above
             error = exc
         raise_if_any_failed(error)  # also the barrier: every rank's units are written

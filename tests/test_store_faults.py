@@ -7,13 +7,16 @@ hang caught by a timeout, a silent wrong result, or a missing command), as its d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +256,46 @@ def test_second_build_is_refused_while_one_holds_the_store(tmp_path, hold_lock, 
     other = run(*BUILD, "--store", store, "--shard", "1/2")  # another shard of the same job: not blocked
     assert other.exit_code == 0, other.output
     assert "test-cnn/train: complete, 40 rows (24 computed now)" in other.stdout
+
+
+KILL_MAIN_RUNNER = textwrap.dedent("""
+    import sys, time, zarr
+    _set = zarr.Array.__setitem__
+    def slow(self, *args):  # a window in which to kill the build mid-way
+        time.sleep(0.05)
+        return _set(self, *args)
+    zarr.Array.__setitem__ = slow
+    from featurestore.build import build
+    build("synthetic", "test-cnn", sys.argv[1], splits=["train"], limit_per_class=4, chunk_rows=8,
+          batch_size=4, workers=1, quiet=True)
+""")
+
+
+def test_a_killed_build_leaves_its_store_unlocked(tmp_path):
+    """Defect 3 (lock hygiene): DataLoader workers are forked while the build holds its lock and inherit
+    its descriptor; after `kill -9` of the build alone, they kept the store locked (naming the dead pid)
+    until they noticed, seconds later. Now workers close it when they start."""
+    from featurestore.runtime import is_locked
+
+    store = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MAIN_RUNNER, str(store)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+    markers = store / SPLIT / "unit_done" / "c"
+    try:
+        deadline = time.monotonic() + 120
+        while not (markers.is_dir() and any(markers.iterdir())):  # workers are running by now
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the build made no progress"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # the build only: its worker lives on for a while
+        proc.wait()
+        assert is_locked(store / ".locks" / "test-cnn") is None
+        result = run(*BUILD, "--store", store, "--chunk-rows", "8")
+        assert result.exit_code == 0, result.output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
 
 
 def test_folder_holding_only_a_lock_is_an_empty_store(tmp_path):
