@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Callable, TypeVar
 
 import typer
@@ -13,13 +14,29 @@ from featurestore.errors import UserError
 F = TypeVar("F", bound=Callable)
 
 
+def _ours(category: type) -> bool:
+    return category.__module__.split(".")[0] in ("featurestore", "engine", "cli")
+
+
 def user_errors(fn: F) -> F:
-    """Decorator for typer commands: UserError -> 'error: ...' (one line), exit code 2; Ctrl-C -> 130."""
+    """Decorator for typer commands: UserError -> 'error: ...' (one line), exit code 2; Ctrl-C -> 130.
+    Warnings of probe-distill's own categories (e.g. `DatasetWarning`) print as one 'warning: ...' line
+    on stderr; other libraries' warnings keep Python's format."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():  # restores showwarning afterwards
+                original = warnings.showwarning
+
+                def show(message, category, filename, lineno, file=None, line=None):
+                    if _ours(category):
+                        print(f"warning: {message}", file=sys.stderr, flush=True)
+                    else:
+                        original(message, category, filename, lineno, file, line)
+
+                warnings.showwarning = show
+                return fn(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None

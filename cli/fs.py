@@ -41,8 +41,15 @@ def _build(**options) -> None:
     store = options["store"]
     for res in report.splits:
         where = f"{report.backbone}/{res.split}"
+        if res.repaired_units or res.repaired_statistics:
+            units = ", ".join(map(str, res.repaired_units))
+            what = f"{len(res.repaired_units)} damaged unit(s) ({units}) recomputed" if res.repaired_units else ""
+            if res.repaired_statistics:
+                what += ("; " if what else "") + "class statistics merged again"
+            typer.echo(f"{where}: repaired: {what}")
         if res.already_complete:
-            typer.echo(f"{where}: already complete ({res.rows} rows), nothing to do")
+            nothing = "no damage found, nothing to do" if options.get("repair") else "nothing to do"
+            typer.echo(f"{where}: already complete ({res.rows} rows), {nothing}")
         elif res.complete:
             skipped = f", {res.skipped} skipped (listed in `fs info --store {store}`)" if res.skipped else ""
             typer.echo(f"{where}: complete, {res.rows} rows ({res.written} computed now){skipped}")
@@ -100,6 +107,47 @@ def info_command(
             if sp["empty_classes"]:
                 console.print(f"empty classes in {bb_name}/{sp_name}: {', '.join(sp['empty_classes'])}",
                               markup=False)
+
+
+VERIFY_DAMAGED = 1  # `fs verify` exit code: damage found, or a split incomplete (2: the store cannot be read)
+
+
+@app.command("verify")
+@user_errors
+def verify_command(
+    store: Annotated[str, typer.Option("--store", "-s", help="feature store folder or fsspec URL")],
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="check only this backbone")] = None,
+) -> None:
+    """Read every chunk of the store and check it: completion markers, checksums, finite features, labels
+    and skipped lists, partial and class statistics. One line per damaged unit, then a summary.
+
+    Exit code 0: every split complete and intact; 1: damage found (repair with the `fs build ... --repair`
+    command printed) or a split incomplete (rerun its build); 2: not a readable store."""
+    from featurestore.info import verify_store
+
+    checks = verify_store(store, backbone)
+    damaged = incomplete = 0
+    for check in checks:
+        where = f"{check.backbone}/{check.split}"
+        for damage in check.damages:
+            typer.echo(f"damaged: {damage.line()}")
+        if check.damages:
+            damaged += 1
+            if all(d.repairable for d in check.damages):
+                typer.echo(f"{where}: {len(check.damages)} damaged part(s); repair with: {check.repair}")
+        elif not check.complete:
+            incomplete += 1
+            typer.echo(f"{where}: incomplete ({check.units_done}/{check.units_total} units; the finished ones "
+                       f"are intact): rerun its `fs build` to finish it")
+        else:
+            note = "" if check.checksums else " (no chunk checksums: built before they existed)"
+            typer.echo(f"{where}: ok, {check.units_total} units checked{note}")
+    units = sum(1 for c in checks for d in c.damages if d.unit is not None)
+    if damaged or incomplete:
+        typer.echo(f"store {store}: {damaged} damaged split(s) ({units} damaged unit(s)), {incomplete} incomplete "
+                   f"split(s), {len(checks) - damaged - incomplete} intact")
+        raise typer.Exit(VERIFY_DAMAGED)
+    typer.echo(f"store {store}: all {len(checks)} split(s) intact")
 
 
 @app.command("backbones")

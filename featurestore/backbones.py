@@ -407,8 +407,22 @@ def _load_random(spec: BackboneSpec, image_size: int, weights: str | None):
         else:  # pragma: no cover - registry and loaders are defined together
             raise BackboneError(f"no random architecture '{spec.architecture}'")
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
+        if not Path(weights).is_file():
+            raise BackboneError(f"--weights {weights} for backbone '{spec.name}': no such file; pass the path "
+                                f"of a state dict saved with torch.save, or drop --weights")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a foreign or truncated file
+            raise BackboneError(f"could not read --weights {weights} for backbone '{spec.name}' "
+                                f"({_one_line(exc)}); expected a state dict saved with torch.save") from None
+        if not isinstance(state, dict):
+            raise BackboneError(f"--weights {weights} holds a {type(state).__name__}, not a state dict: "
+                                f"save model.state_dict() for backbone '{spec.name}'")
+        try:
+            model.load_state_dict(state, strict=True)
+        except Exception as exc:  # noqa: BLE001 - missing/unexpected keys, shape mismatches
+            raise BackboneError(f"--weights {weights} does not match backbone '{spec.name}' "
+                                f"({_one_line(exc, limit=200)})") from None
     return model, model, weights
 
 

@@ -23,28 +23,43 @@ How a build is organised (the layout itself is described in `featurestore.store`
 - Decoding and resizing happen in DataLoader worker processes; augmented views (views 1..K-1) are drawn
   there too, each from its own generator seeded by (seed, sample index, view), so they are independent of
   batching and sharding.
+- Reliability: every check (options, dataset, backbone, store compatibility, that a local store can be
+  written at all) runs before the first write. A local build then holds an exclusive lock per (backbone,
+  shard) (`<store>/.locks/`, flock: released when the process dies), so a second identical build stops
+  with one line naming the holder instead of redoing the same work; `--shard` processes of one job lock
+  different files and still write concurrently, and under torchrun rank 0 holds it for the group. An
+  OSError while writing (disk full, permissions) becomes one StoreError line; chunks are written
+  atomically and a unit's marker last, so the next run resumes. `--repair` runs `StoreSplit.verify`,
+  clears the markers of the damaged units (and the split's `complete`), recomputes only those units and
+  merges the class statistics again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import os
-import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import zarr
 import zarr.errors
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from . import schema
-from .store import StoreLocation, open_zarr_group, read_root_metadata, store_location
+from .progress import progress
+from .runtime import exclusive_lock
+from .store import (Damage, FeatureStore, StoreLocation, StoreSplit, open_zarr_group,
+                    read_root_metadata, store_location)
 from .backbones import Backbone, create_backbone, get_spec
-from .datasets import ImageDataset, dataset_splits, open_dataset
+from .datasets import DatasetWarning, ImageDataset, dataset_splits, open_dataset
 from .options import option
 from .distributed import (DistContext, all_reduce_int, broadcast_object, contiguous_share, destroy,
                           init_process_group_from_env, raise_if_any_failed)
@@ -78,6 +93,8 @@ class BuildConfig:
     seed: int = option(0, "seed of the augmented views")
     shard: str | None = option(None, "i/n: do only shard i of n (e.g. Slurm job arrays)")
     quiet: bool = option(False, "no progress bar", flag="--quiet,-q")
+    repair: bool = option(False, "check the existing splits as `fs verify` does and recompute only their "
+                                 "damaged units (then merge the class statistics again)", flag="--repair")
 
     def validate(self) -> None:
         """Options that are wrong whatever is on disk: one line each."""
@@ -111,6 +128,8 @@ class SplitResult:
     units_done: int
     units_total: int
     empty_classes: list[str] = field(default_factory=list)  # classes with no usable sample in the split
+    repaired_units: list[int] = field(default_factory=list)  # --repair: damaged units cleared and recomputed
+    repaired_statistics: bool = False  # --repair: the class statistics were damaged and merged again
 
 
 @dataclass
@@ -154,6 +173,54 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
 # Store creation and validation
 
 
+def _write_error(where: str, exc: OSError) -> StoreError:
+    """An OSError while writing the store as one line saying what to do; the store stays usable: chunks
+    are replaced atomically and a unit's marker is written last, so a rerun resumes."""
+    detail = exc.strerror or str(exc)
+    if exc.filename:
+        detail += f": {exc.filename}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free disk space, then rerun the same command (finished units are kept, the build resumes)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make the store writable or pass another --store; rerun to resume"
+    else:
+        hint = "fix the cause, then rerun the same command (finished units are kept, the build resumes)"
+    return StoreError(f"cannot write to store {where} ({detail}): {hint}")
+
+
+@contextlib.contextmanager
+def _store_writes(where: str) -> Iterator[None]:
+    """Turn OSErrors of store writes (disk full, permissions, read-only file system) into StoreError."""
+    try:
+        yield
+    except OSError as exc:
+        raise _write_error(where, exc) from None
+
+
+def _check_writable(location: StoreLocation, backbone: str) -> None:
+    """Before any heavy work: a local store must be creatable or writable (StoreError, one line, else).
+    Remote (fsspec) stores report permissions only when written; their errors surface then."""
+    path = location.local_path
+    if path is None:
+        return
+    probe = path
+    while not probe.exists() and not probe.is_symlink():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        if probe == path:
+            raise StoreError(f"{path} is a file, not a feature store: pass --store a folder path")
+        raise StoreError(f"cannot create store {path}: {probe} is a file, not a folder; pass --store a path "
+                         f"inside a folder")
+    folders = [probe] if probe != path else [path, path / backbone]
+    for folder in folders:
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            action = "create the store in" if probe != path else "write to"
+            raise StoreError(f"cannot {action} {folder}: permission denied (read-only folder or file system); "
+                             f"make it writable or pass another --store")
+
+
 def _require_group(parent: zarr.Group, name: str, attributes: dict[str, Any]) -> zarr.Group:
     """Create a group if absent without ever overwriting (a concurrent shard may have just created it)."""
     if name not in parent:
@@ -184,8 +251,9 @@ def _require_array(group: zarr.Group, name: str, spec: dict[str, Any]) -> zarr.A
 class _UnitWriter:
     """Buffers one unit's rows in float32 and writes it (marker last) once all its batches arrived."""
 
-    def __init__(self, group: zarr.Group, ds: ImageDataset, attrs: dict[str, Any]) -> None:
+    def __init__(self, group: zarr.Group, ds: ImageDataset, attrs: dict[str, Any], where: str = "") -> None:
         self.group = group
+        self.where = where  # the store, for messages
         self.ds = ds
         self.n = attrs["num_images"]
         self.dim = attrs["dim"]
@@ -220,10 +288,25 @@ class _UnitWriter:
     def finish(self) -> None:
         """Write every chunk of the unit, its partial statistics, then (last) its marker."""
         a, k, lo, hi = self.arrays, self.unit, self.start_row, self.stop_row
-        a[schema.FEATURES][lo:hi] = self.features.astype(self.np_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked right below
+            stored = self.features.astype(self.np_dtype)
+        valid = self.labels != schema.SKIPPED_LABEL
+        # Readers take non-finite features of an image row for damage; never write any.
+        if not np.isfinite(stored[valid]).all():
+            if np.isfinite(self.features[valid]).all():
+                raise StoreError(f"features of {self.ds.split} rows {lo}-{hi - 1} exceed the float16 range: "
+                                 f"rebuild with --dtype fp32 (into another --store)")
+            raise StoreError(f"the backbone produced non-finite features for {self.ds.split} rows {lo}-{hi - 1}: "
+                             f"check its --weights")
+        with _store_writes(self.where):
+            self._write(a, k, lo, hi, stored, valid)
+        self.unit = None
+
+    def _write(self, a: dict[str, zarr.Array], k: int, lo: int, hi: int, stored: np.ndarray,
+               valid: np.ndarray) -> None:
+        a[schema.FEATURES][lo:hi] = stored
         a[schema.LABELS][lo:hi] = self.labels
         a[schema.SAMPLE_IDS][lo:hi] = np.array(self.ds.sample_ids[lo:hi], dtype=object).astype(str)
-        valid = self.labels != schema.SKIPPED_LABEL
         view0 = (self.features if self.views == 1 else self.features[:, 0]).astype(np.float64)[valid]
         labels = self.labels[valid]
         counts = np.bincount(labels, minlength=self.num_classes).astype(np.int64)
@@ -245,7 +328,6 @@ class _UnitWriter:
                 a[schema.UNIT_OUTER].set_orthogonal_selection((k, present, slice(None), slice(None)), outer)
         a[schema.UNIT_SKIPPED][k] = json.dumps(sorted(self.skipped)) if self.skipped else ""
         a[schema.UNIT_DONE][k] = 1  # the completion marker: written last
-        self.unit = None
 
 
 def finalize_split(group: zarr.Group, class_names: Sequence[str]) -> bool:
@@ -306,9 +388,25 @@ def _default_workers(processes_per_node: int = 1) -> int:
     return max(1, min(8, cpus // max(1, processes_per_node)))
 
 
+def _close_inherited_locks(paths: tuple[str, ...], worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn
+    """DataLoader worker_init_fn: close the descriptors of the build lock a forked worker inherited. A
+    flock lasts while any process holds a descriptor of it, and workers notice their parent's death only
+    seconds later: a killed build would keep its store locked (naming a dead pid) until they exit."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc (not Linux): the lock lasts until the workers exit
+        return
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") in paths:
+                os.close(int(fd))
+        except OSError:
+            pass
+
+
 def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, units: list[int], *,
                    batch_size: int, workers: int, device: torch.device, seed: int, views: int,
-                   quiet: bool, desc: str) -> int:
+                   quiet: bool, desc: str, lock_paths: tuple[str, ...] = ()) -> int:
     """Run the backbone over `units` (in order) and write each; returns rows computed."""
     if not units:
         return 0
@@ -326,9 +424,9 @@ def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, un
     loader = DataLoader(ViewDataset(ds, backbone.resize_size, backbone.image_size, views, seed),
                         batch_sampler=batches, num_workers=workers, collate_fn=collate_views,
                         pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=functools.partial(_close_inherited_locks, lock_paths) if lock_paths else None,
                         prefetch_factor=4 if workers > 0 else None)
-    bar = tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True,
-               smoothing=0.1)
+    bar = progress(total, desc, unit="img", disable=quiet)  # plain lines every 30 s when not a terminal
     try:
         for b, (indices, images, failed) in enumerate(loader):
             unit = batch_unit[b]
@@ -361,21 +459,39 @@ class _Prepared:
     model: Backbone
     wanted: dict[str, dict[str, Any]]  # split -> attributes of the split group to create / resume
     existing: dict[str, dict[str, Any]]  # split -> attributes already stored for this backbone
+    needs_write: bool = True  # False: every wanted split is complete and nothing is to be repaired
+    repairs: dict[str, list[Damage]] = field(default_factory=dict)  # --repair: split -> what verify found
+    notes: list[str] = field(default_factory=list)  # the datasets' listing warnings, deduplicated
 
 
-def _prepare(cfg: BuildConfig, location: StoreLocation, device: torch.device) -> _Prepared:
-    """Open the datasets, load the backbone, and check the store is compatible (read only)."""
-    get_spec(cfg.backbone)  # unknown name: fail before opening datasets or loading weights
+def _open_existing(location: StoreLocation, meta: dict[str, Any] | None) -> FeatureStore | None:
+    return None if meta is None else FeatureStore(location, open_zarr_group(location, read_only=True))
+
+
+def _prepare(cfg: BuildConfig, location: StoreLocation, device: torch.device, is_main: bool = True) -> _Prepared:
+    """Open the datasets, check the store can be written, load the backbone, check the store is compatible
+    and (with --repair, on the main process) find its damaged units. Read only."""
+    spec = get_spec(cfg.backbone)  # unknown name: fail before opening datasets or loading weights
     split_names = list(cfg.splits) if cfg.splits else dataset_splits(cfg.dataset, cfg.data_root)
     datasets = [open_dataset(cfg.dataset, root=cfg.data_root, split=s, limit_per_class=cfg.limit_per_class)
                 for s in split_names]
     for ds in datasets[1:]:
         if ds.class_names != datasets[0].class_names:
             raise UserError(f"splits {datasets[0].split} and {ds.split} of {cfg.dataset} have different classes")
+    notes = list(dict.fromkeys(note for ds in datasets for note in ds.warnings))
 
     meta = read_root_metadata(location)
     if meta is not None:
         schema.check_root_compatible(location.url, meta, datasets[0])
+    store = _open_existing(location, meta)
+    # Write access matters only if something will be written: a complete store may sit on a read-only disk.
+    # Checked before the backbone loads and anything is decoded.
+    stored = dict(store.child_groups(spec.name)) if store is not None and spec.name in store.backbones() else {}
+    needs_write = cfg.repair or any(not (ds.split in stored and stored[ds.split].attrs.get("complete", False))
+                                    for ds in datasets)
+    if needs_write:
+        _check_writable(location, spec.name)
+
     model = create_backbone(cfg.backbone, image_size=cfg.image_size, weights=cfg.weights, device=device)
     model.eval()
     bb_name = model.name
@@ -383,29 +499,47 @@ def _prepare(cfg: BuildConfig, location: StoreLocation, device: torch.device) ->
                                            chunk_rows=cfg.chunk_rows or DEFAULT_CHUNK_ROWS, seed=cfg.seed)
               for ds in datasets}
     existing: dict[str, dict[str, Any]] = {}
-    if meta is not None:
-        root_ro = open_zarr_group(location, read_only=True)
-        if bb_name in root_ro:
-            for name, group in root_ro[bb_name].groups():
-                attrs = dict(group.attrs)
-                if name in wanted:
-                    existing[name] = attrs
-                    if cfg.chunk_rows is None:  # resuming: the stored unit size, whatever the default is
-                        wanted[name]["chunk_rows"] = attrs["chunk_rows"]
-                        wanted[name]["num_units"] = attrs["num_units"]
-                    schema.check_split_compatible(f"{location} {bb_name}/{name}", attrs, wanted[name],
-                                                   cfg.chunk_rows is not None)
-                else:
-                    # Another split of the same backbone: it must come from the same model and resolution.
-                    schema.check_backbone_compatible(f"{location} {bb_name}/{name}", attrs["backbone"], model.describe())
-    return _Prepared(location, datasets, model, wanted, existing)
+    repairs: dict[str, list[Damage]] = {}
+    for name, group in stored.items():
+        attrs = dict(group.attrs)
+        if name in wanted:
+            existing[name] = attrs
+            if cfg.chunk_rows is None:  # resuming: the stored unit size, whatever the default is
+                wanted[name]["chunk_rows"] = attrs["chunk_rows"]
+                wanted[name]["num_units"] = attrs["num_units"]
+            schema.check_split_compatible(f"{location} {bb_name}/{name}", attrs, wanted[name],
+                                           cfg.chunk_rows is not None)
+            if cfg.repair and is_main:
+                assert store is not None
+                damages = StoreSplit(store, bb_name, name, group).verify()
+                fatal = [d for d in damages if not d.repairable]
+                if fatal:
+                    raise StoreError(f"{location} {bb_name}/{name} cannot be repaired unit by unit: "
+                                     f"{fatal[0].line()}")
+                if damages:
+                    repairs[name] = damages
+        else:
+            # Another split of the same backbone: it must come from the same model and resolution.
+            schema.check_backbone_compatible(f"{location} {bb_name}/{name}", attrs["backbone"], model.describe())
+    needs_write = any(not existing.get(ds.split, {}).get("complete", False) for ds in datasets) or bool(repairs)
+    return _Prepared(location, datasets, model, wanted, existing, needs_write=needs_write, repairs=repairs,
+                     notes=notes)
+
+
+def _lock_dir(location: StoreLocation, backbone: str, shard_rank: int, shard_world: int) -> Path:
+    """The folder whose `.lock` a build holds: one per (backbone, shard), so the `--shard i/n` processes
+    of one job (which write disjoint units) run concurrently while a second copy of any of them stops."""
+    assert location.local_path is not None
+    name = backbone if shard_world == 1 else f"{backbone}.shard-{shard_rank}-of-{shard_world}"
+    return location.local_path / ".locks" / name
 
 
 def _create_and_plan(prep: _Prepared, shard_rank: int, shard_world: int,
                      chunk_rows_explicit: bool) -> dict[str, list[int] | None]:
-    """Create the root group, the split groups and every array at full size (whatever is missing), and
-    return per split the unfinished units of this shard, in order (None: the split is already complete).
-    Run by one process per process group (rank 0), before the other ranks touch the store."""
+    """Create the root group, the split groups and every array at full size (whatever is missing), clear
+    the markers of the units --repair found damaged, and return per split the unfinished units of this
+    shard, in order (None: the split is already complete). Run by one process per process group (rank
+    0), before the other ranks touch the store."""
     location, first = prep.location, prep.datasets[0]
     bb_name = prep.model.name
     if read_root_metadata(location) is None:
@@ -425,7 +559,8 @@ def _create_and_plan(prep: _Prepared, shard_rank: int, shard_world: int,
     plan: dict[str, list[int] | None] = {}
     for ds in prep.datasets:
         attrs = prep.wanted[ds.split]
-        if prep.existing.get(ds.split, {}).get("complete", False):
+        damages = prep.repairs.get(ds.split, [])
+        if prep.existing.get(ds.split, {}).get("complete", False) and not damages:
             plan[ds.split] = None
             continue
         group = _require_group(bb_group, ds.split, attrs)
@@ -433,7 +568,17 @@ def _create_and_plan(prep: _Prepared, shard_rank: int, shard_world: int,
         schema.check_split_compatible(f"{location} {bb_name}/{ds.split}", stored_attrs, attrs, chunk_rows_explicit)
         for name, spec in schema.array_specs(stored_attrs, ds.num_classes).items():
             _require_array(group, name, spec)
-        done = np.asarray(group[schema.UNIT_DONE][:])
+        if damages:
+            # `complete` goes first: from here until the merge no reader trusts the split. Cleared markers
+            # send the damaged units down the normal resume path, which rewrites every chunk of a unit.
+            group.attrs["complete"] = False
+            for unit in sorted({d.unit for d in damages if d.unit is not None}):
+                group[schema.UNIT_DONE][unit] = 0
+        try:
+            done = np.asarray(group[schema.UNIT_DONE][:])
+        except Exception as exc:  # noqa: BLE001 - a damaged marker chunk (codec errors vary)
+            raise StoreError(f"{location} {bb_name}/{ds.split} unit_done is damaged ({exc.__class__.__name__}): "
+                             f"rerun with --repair (`fs verify --store {location}` lists the damage)") from None
         plan[ds.split] = [u for u in contiguous_share(len(done), shard_rank, shard_world) if not done[u]]
     return plan
 
@@ -481,18 +626,38 @@ def _build(ctx: DistContext, cfg: BuildConfig, location: StoreLocation, workers:
     prep: _Prepared | None = None
     error: Exception | None = None
     try:
-        prep = _prepare(cfg, location, ctx.device)
+        prep = _prepare(cfg, location, ctx.device, is_main=ctx.is_main)
     except Exception as exc:  # noqa: BLE001 - re-raised on this rank by raise_if_any_failed
         error = exc
     raise_if_any_failed(error)
     assert prep is not None
+    if ctx.is_main:
+        for note in prep.notes:  # the CLI shows each as one `warning:` line on stderr
+            warnings.warn(note, DatasetWarning, stacklevel=3)
+    with contextlib.ExitStack() as held:
+        return _build_locked(ctx, cfg, location, workers, prep, held)
 
-    # 2. Rank 0 alone creates groups and arrays (pre-sized once) and lists the unfinished units; the
+
+def _build_locked(ctx: DistContext, cfg: BuildConfig, location: StoreLocation, workers: int, prep: _Prepared,
+                  held: contextlib.ExitStack) -> BuildReport:
+    error: Exception | None = None
+    model, bb_name = prep.model, prep.model.name
+    shard_rank, shard_world = parse_shard(cfg.shard)
+
+    # 2. Rank 0 alone takes the build lock (one process of a group is enough: the others write only after
+    #    it planned), creates groups and arrays (pre-sized once) and lists the unfinished units; the
     #    collective after it is the barrier the other ranks wait at before opening the store.
     plan: dict[str, list[int] | None] | None = None
+    lock_paths: tuple[str, ...] = ()
     if ctx.is_main:
         try:
-            plan = _create_and_plan(prep, *parse_shard(cfg.shard), cfg.chunk_rows is not None)
+            with _store_writes(location.url):
+                # fsspec (object) stores have no flock: concurrent builds there are the user's to avoid.
+                if prep.needs_write and location.local_path is not None:
+                    lock = held.enter_context(exclusive_lock(_lock_dir(location, bb_name, shard_rank, shard_world),
+                                                             f"feature store {location}: the build lock"))
+                    lock_paths = (os.path.realpath(lock),)
+                plan = _create_and_plan(prep, shard_rank, shard_world, cfg.chunk_rows is not None)
         except Exception as exc:  # noqa: BLE001 - see above
             error = exc
     raise_if_any_failed(error)
@@ -500,8 +665,6 @@ def _build(ctx: DistContext, cfg: BuildConfig, location: StoreLocation, workers:
     assert plan is not None
 
     # 3. Every rank computes its contiguous share of each split's unfinished units; 4. rank 0 merges.
-    model, bb_name = prep.model, prep.model.name
-    shard_rank, shard_world = parse_shard(cfg.shard)
     report = BuildReport(store=location.url, dataset=cfg.dataset, backbone=bb_name, fingerprint=model.fingerprint,
                          rank=ctx.rank, world_size=ctx.world_size)
     root = open_zarr_group(location, read_only=False)
@@ -526,24 +689,29 @@ def _build(ctx: DistContext, cfg: BuildConfig, location: StoreLocation, workers:
             desc += f" rank 0 of {ctx.world_size}"
         written = 0
         try:
-            written = _compute_units(model, ds, _UnitWriter(group, ds, dict(group.attrs)), mine,
-                                     batch_size=cfg.batch_size, workers=workers, device=ctx.device, seed=cfg.seed,
-                                     views=cfg.views, quiet=cfg.quiet or not ctx.is_main, desc=desc)
+            writer = _UnitWriter(group, ds, dict(group.attrs), where=location.url)
+            written = _compute_units(model, ds, writer, mine, batch_size=cfg.batch_size, workers=workers,
+                                     device=ctx.device, seed=cfg.seed, views=cfg.views,
+                                     quiet=cfg.quiet or not ctx.is_main, desc=desc, lock_paths=lock_paths)
         except Exception as exc:  # noqa: BLE001 - see above
             error = exc
         raise_if_any_failed(error)  # also the barrier: every rank's units are written
         if ctx.is_main:
             try:
-                finalize_split(group, ds.class_names)
+                with _store_writes(location.url):
+                    finalize_split(group, ds.class_names)
             except Exception as exc:  # noqa: BLE001 - see above
                 error = exc
         raise_if_any_failed(error)  # every rank sees the merged statistics from here on
         written = all_reduce_int(written)
         final_attrs = dict(group.attrs)
+        damages = prep.repairs.get(ds.split, [])
         report.splits.append(SplitResult(
             split=ds.split, rows=attrs["num_images"], written=written,
             skipped=int(final_attrs.get("num_skipped", 0)), already_complete=False,
             complete=bool(final_attrs.get("complete", False)),
             units_done=int(np.count_nonzero(group[schema.UNIT_DONE][:])), units_total=int(attrs["num_units"]),
-            empty_classes=list(final_attrs.get("empty_classes", []))))
+            empty_classes=list(final_attrs.get("empty_classes", [])),
+            repaired_units=sorted({d.unit for d in damages if d.unit is not None}),
+            repaired_statistics=any(d.unit is None for d in damages)))
     return report

@@ -1,20 +1,27 @@
-"""`fs info`: what a feature store holds, as a JSON-able dict."""
+"""`fs info`: what a feature store holds, as a JSON-able dict; `fs verify`: a full check of its data."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zarr
+
 from .errors import StoreError
-from .store import FeatureStore, StoreLocation, StoreSplit
+from .schema import FEATURES, rebuild_command
+from .store import Damage, FeatureStore, StoreLocation, StoreSplit, child_names, open_child
 
 
 def _local_size(path: Path) -> int:
     """Bytes of every file under `path` (what `du --apparent-size` would count)."""
     total = 0
-    for dirpath, _, filenames in os.walk(path):
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # build locks are not store content
         for name in filenames:
+            if name.startswith("."):
+                continue
             try:
                 total += os.lstat(os.path.join(dirpath, name)).st_size
             except OSError:  # a file renamed away by a concurrent writer
@@ -85,3 +92,80 @@ def store_info(path: "str | os.PathLike | StoreLocation") -> dict[str, Any]:
         "size_bytes": size_in_store(store.location),
         "backbones": backbones,
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# fs verify
+
+
+@dataclass
+class SplitCheck:
+    """The result of checking one backbone/split group."""
+
+    backbone: str
+    split: str
+    complete: bool = False
+    units_done: int = 0
+    units_total: int = 0
+    checksums: bool = False  # chunks carry CRC32C checksums (stores built before them do not)
+    damages: list[Damage] = field(default_factory=list)
+    repair: str = ""  # the `fs build ... --repair` command for this split
+
+    @property
+    def ok(self) -> bool:
+        return self.complete and not self.damages
+
+
+def _has_checksums(array: zarr.Array) -> bool:
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(codec, Crc32cCodec) for codec in getattr(array.metadata, "codecs", ()))
+
+
+def verify_store(path: "str | os.PathLike | StoreLocation", backbone: str | None = None) -> list[SplitCheck]:
+    """Check every split of the store (or of `backbone`) in full (`StoreSplit.verify`); read only. A split
+    or backbone group whose metadata is unreadable is reported as an unrepairable damage of that split,
+    and the others are still checked."""
+    store = FeatureStore.open(path)
+    location = store.location
+    names = child_names(location)
+    if backbone is not None:
+        if backbone not in names:
+            from .backbones import get_spec
+
+            try:  # registry aliases ("dinov2" -> "dinov2-vitb14")
+                backbone = get_spec(backbone).name
+            except Exception:  # noqa: BLE001 - an unknown name: the message below
+                pass
+        if backbone not in names:
+            raise StoreError(f"store {location} has no backbone {backbone}; it holds: "
+                             f"{', '.join(names) or 'nothing yet'}")
+        names = [backbone]
+    dataset = dict(store.attrs.get("dataset", {}))
+    checks: list[SplitCheck] = []
+    for bb in names:
+        try:
+            bb_group = open_child(location, store.root, bb, "backbone group")
+        except StoreError as exc:
+            checks.append(SplitCheck(bb, "*", damages=[Damage(bb, "*", str(exc), repairable=False)]))
+            continue
+        if not isinstance(bb_group, zarr.Group):
+            continue
+        for name in child_names(location, bb):
+            try:
+                group = open_child(location, bb_group, name, "split group")
+            except StoreError as exc:
+                checks.append(SplitCheck(bb, name, damages=[Damage(bb, name, str(exc), repairable=False)]))
+                continue
+            if not isinstance(group, zarr.Group):
+                continue
+            sp = StoreSplit(store, bb, name, group)
+            check = SplitCheck(bb, name, complete=sp.complete, units_done=sp.units_done(),
+                               units_total=int(sp.attrs.get("num_units", 0)), damages=sp.verify(),
+                               repair=rebuild_command(location.url, dataset, bb, sp.attrs, name))
+            try:
+                check.checksums = _has_checksums(group[FEATURES])
+            except Exception:  # noqa: BLE001 - unreadable metadata is already a damage above
+                pass
+            checks.append(check)
+    return checks

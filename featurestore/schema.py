@@ -152,14 +152,24 @@ def check_split_compatible(where: str, existing: dict[str, Any], wanted: dict[st
                          f"the store was built; use another --store")
 
 
+def checksum_codecs() -> list[Any]:
+    """The bytes-to-bytes codecs of every array: a CRC32C checksum appended to each chunk, so a chunk
+    overwritten or truncated on disk fails to decode (readers turn that into a StoreError naming the
+    unit) instead of reading as plausible numbers. Stores written before checksums existed have none and
+    stay readable (same schema version: zarr reads either)."""
+    from zarr.codecs import Crc32cCodec
+
+    return [Crc32cCodec()]
+
+
 def array_specs(attrs: dict[str, Any], num_classes: int) -> dict[str, dict[str, Any]]:
     n, d, k, r, u = (attrs["num_images"], attrs["dim"], attrs["views"], attrs["chunk_rows"], attrs["num_units"])
     c = num_classes
     feat_shape, feat_chunks = ((n, d), (r, d)) if k == 1 else ((n, k, d), (r, k, d))
     specs: dict[str, dict[str, Any]] = {
-        # Dense float embeddings barely compress (x1.06-1.12): no codec keeps writing cheap.
-        FEATURES: dict(shape=feat_shape, chunks=feat_chunks, dtype=attrs["dtype"], fill_value=np.nan,
-                              compressors=None),
+        # Dense float embeddings barely compress (x1.06-1.12): no compression keeps writing cheap; only
+        # the checksum (4 bytes per chunk) is added.
+        FEATURES: dict(shape=feat_shape, chunks=feat_chunks, dtype=attrs["dtype"], fill_value=np.nan),
         LABELS: dict(shape=(n,), chunks=(r,), dtype="int64", fill_value=SKIPPED_LABEL),
         SAMPLE_IDS: dict(shape=(n,), chunks=(r,), dtype=str, fill_value=""),
         UNIT_DONE: dict(shape=(u,), chunks=(1,), dtype="uint8", fill_value=0),
@@ -176,7 +186,39 @@ def array_specs(attrs: dict[str, Any], num_classes: int) -> dict[str, dict[str, 
         specs[UNIT_OUTER] = dict(shape=(u, c, d, d), chunks=(1, 1, d, d), dtype="float64", fill_value=0.0)
         specs[CLASS_SECOND_MOMENT] = dict(shape=(c, d, d), chunks=(1, d, d), dtype="float32",
                                                  fill_value=np.nan)
+    for spec in specs.values():
+        spec["compressors"] = checksum_codecs()
     return specs
+
+
+def rebuild_command(store: str, dataset: dict[str, Any], backbone: str, split_attrs: dict[str, Any],
+                    split: str | None = None, extra: str = "--repair") -> str:
+    """The `fs build` command line that resumes or repairs a split of this store: the options a resumed
+    build must repeat (dataset root and limit, weights, size, views, dtype, full-cov, seed), then `extra`."""
+    parts = ["fs build", str(dataset.get("name")), "--backbone", backbone, "--store", store]
+    if dataset.get("root"):
+        parts += ["--data-root", str(dataset["root"])]
+    if dataset.get("limit_per_class"):
+        parts += ["--limit-per-class", str(dataset["limit_per_class"])]
+    if split:
+        parts += ["--split", split]
+    bb = split_attrs.get("backbone", {})
+    if bb.get("weights_path"):
+        parts += ["--weights", str(bb["weights_path"])]
+    default_size = bb.get("spec", {}).get("image_size")
+    if bb.get("image_size") is not None and bb.get("image_size") != default_size:
+        parts += ["--image-size", str(bb["image_size"])]
+    if int(split_attrs.get("views", 1)) > 1:
+        parts += ["--views", str(split_attrs["views"])]
+        if split_attrs.get("seed"):
+            parts += ["--seed", str(split_attrs["seed"])]
+    if DTYPE_FLAGS.get(str(split_attrs.get("dtype")), "fp16") != "fp16":
+        parts += ["--dtype", DTYPE_FLAGS[str(split_attrs["dtype"])]]
+    if split_attrs.get("full_cov"):
+        parts.append("--full-cov")
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
 
 
 def root_attrs(ds: ImageDataset) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
@@ -25,7 +25,8 @@ import zarr.storage
 from .errors import StoreError
 from .runtime import tool_version
 from .schema import (CLASS_COUNT, CLASS_MEAN, CLASS_SECOND_MOMENT, CLASS_SQ_MEAN, FEATURES, LABELS, SAMPLE_IDS,
-                     SCHEMA_VERSION, SKIPPED_LABEL, UNIT_DONE)
+                     SCHEMA_VERSION, SKIPPED_LABEL, UNIT_COUNT, UNIT_DONE, UNIT_OUTER, UNIT_SKIPPED, UNIT_SQSUM,
+                     UNIT_SUM, array_specs, rebuild_command, unit_rows)
 
 # ----------------------------------------------------------------------------------------------------
 # Where a store lives: a local folder (zarr LocalStore) or any fsspec URL (zarr FsspecStore)
@@ -131,6 +132,9 @@ def read_root_metadata(store: "str | os.PathLike | StoreLocation") -> dict[str, 
         except Exception as exc:  # noqa: BLE001 - see above
             raise StoreError(f"cannot list {where} ({type(exc).__name__}: {exc}): check the --store URL "
                              f"and its credentials") from None
+        # Hidden entries (a build's lock folder `.locks`, `.DS_Store`) do not make a folder a non-store:
+        # a first build killed before it wrote zarr.json leaves its lock behind.
+        entries = [e for e in entries if not _basename(e).startswith(".")]
         if not entries:
             return None
         raise StoreError(f"{where} exists but is not a feature store (no zarr.json): "
@@ -157,6 +161,55 @@ def open_zarr_group(store: "str | os.PathLike | StoreLocation", *, read_only: bo
                            mode="r" if read_only else "r+")
 
 
+def _basename(entry: Any) -> str:
+    return PurePosixPath(str(entry).rstrip("/")).name
+
+
+def child_names(location: StoreLocation, *parts: str) -> list[str]:
+    """Names of the entries under `parts` of the store that may be Zarr children (sorted): hidden entries
+    (the `.locks` folder of builds) and zarr.json left out. Listed with fsspec rather than zarr's
+    `Group.groups()`, which parses every child at once: one damaged child would hide all the others, and
+    zarr warns about every folder it does not recognise."""
+    fs, root = location.filesystem()
+    path = "/".join([root.rstrip("/"), *parts])
+    try:
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except Exception as exc:  # noqa: BLE001 - remote backends: credentials, permissions, network
+        raise StoreError(f"cannot list {location.child(*parts)} ({type(exc).__name__}: {exc}): check the "
+                         f"--store URL and its credentials") from None
+    names = {_basename(e) for e in entries}
+    return sorted(n for n in names if n and not n.startswith(".") and n != "zarr.json")
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def describe_read_error(exc: BaseException) -> str:
+    """What went wrong reading a chunk, in a few words (zarr's messages quote raw bytes)."""
+    text = str(exc)
+    if "checksum" in text.lower():
+        return "checksum mismatch: the chunk was changed or truncated on disk"
+    return _one_line(exc)
+
+
+def open_child(location: StoreLocation, group: zarr.Group, name: str, what: str) -> Any:
+    """`group[name]`, or None when `name` is no Zarr node (a stray folder); StoreError (one line) when its
+    metadata cannot be read (a truncated zarr.json)."""
+    try:
+        return group[name]
+    except KeyError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - JSON and metadata validation errors of a damaged zarr.json
+        path = location.child(*[p for p in (group.path, name) if p])
+        raise StoreError(f"the metadata of {what} {path} is unreadable ({_one_line(exc)}): the store is "
+                         f"damaged there; delete {path} and rebuild it with `fs build`") from None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reader
 
@@ -170,8 +223,41 @@ class SplitData:
     rows: torch.Tensor  # int64 [M]: row of each sample in the store (indexes sample_ids())
 
 
+@dataclass(frozen=True)
+class Damage:
+    """A damaged part of a split, found by `StoreSplit.verify`."""
+
+    backbone: str
+    split: str
+    what: str  # "<array>: what is wrong"
+    unit: int | None = None  # the work unit `fs build --repair` recomputes; None: the split as a whole
+    rows: tuple[int, int] | None = None  # [start, stop) of the unit
+    repairable: bool = True  # False: metadata damage that only deleting the split and rebuilding fixes
+
+    def line(self) -> str:
+        where = f"{self.backbone}/{self.split}"
+        if self.unit is not None and self.rows is not None:
+            where += f" unit {self.unit} (rows {self.rows[0]}-{self.rows[1] - 1})"
+        return f"{where}: {self.what}"
+
+
+class _Bad(Exception):
+    """Internal: one check of `StoreSplit.verify` failed (array, what)."""
+
+    def __init__(self, array: str, what: str) -> None:
+        super().__init__(f"{array}: {what}")
+        self.array = array
+        self.what = what
+
+
 class StoreSplit:
-    """Read access to `<backbone>/<split>/` of a feature store."""
+    """Read access to `<backbone>/<split>/` of a feature store.
+
+    Reads check what they read, per chunk (= work unit) and vectorized: a chunk that fails to decode (its
+    CRC32C checksum, in stores that have one), a features row that is not finite although the row holds
+    an image (a missing chunk reads as NaN), a label out of range, or rows marked skipped that the unit's
+    skipped list does not account for (a missing labels chunk reads as -1) raise one StoreError line
+    naming the array, the rows and the `fs build --repair` command. `verify()` checks everything."""
 
     def __init__(self, store: "FeatureStore", backbone: str, split: str, group: zarr.Group) -> None:
         self.store = store
@@ -232,21 +318,104 @@ class StoreSplit:
         return list(self.attrs.get("skipped", []))
 
     def units_done(self) -> int:
+        """Units whose completion marker is set (an unreadable marker counts as not done)."""
         if UNIT_DONE not in self.group:  # a build killed while creating the arrays
             return 0
-        return int(np.count_nonzero(self.group[UNIT_DONE][:]))
+        array = self.group[UNIT_DONE]
+        try:
+            return int(np.count_nonzero(array[:]))
+        except Exception:  # noqa: BLE001 - a damaged marker chunk: count the readable ones (fs verify names it)
+            done = 0
+            for unit in range(array.shape[0]):
+                try:
+                    done += int(bool(array[unit]))
+                except Exception:  # noqa: BLE001
+                    pass
+            return done
+
+    # --- damage reporting
+    def rebuild_hint(self) -> str:
+        return "rebuild with: " + rebuild_command(self.store.location.url, dict(self.store.attrs.get("dataset", {})),
+                                                  self.backbone, self.attrs, self.split_name)
+
+    def _damaged(self, array: str, unit: int | None, what: str) -> StoreError:
+        rows = ""
+        if unit is not None:
+            lo, hi = unit_rows(unit, int(self.attrs["chunk_rows"]), self.n)
+            rows = f" rows {lo}-{hi - 1} (unit {unit} of {self.attrs['num_units']})"
+        return StoreError(f"store {self.store.location}: {self.backbone}/{self.split_name} {array}{rows} is "
+                          f"damaged ({what}): {self.rebuild_hint()}")
+
+    def _array(self, name: str) -> zarr.Array:
+        node = open_child(self.store.location, self.group, name, "array")
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"store {self.store.location}: {self.backbone}/{self.split_name} has no {name} array: "
+                             f"the store is damaged; delete {self.store.location.child(self.backbone, self.split_name)} "
+                             f"and rebuild the split")
+        return node
+
+    def _read(self, name: str, selection: Any = slice(None), unit: int | None = None,
+              array: zarr.Array | None = None) -> np.ndarray:
+        """`array[selection]`; a chunk that does not decode (checksum, truncation) -> StoreError."""
+        array = self._array(name) if array is None else array
+        try:
+            return np.asarray(array[selection])
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - codec errors come in several types
+            raise self._damaged(name, unit, describe_read_error(exc)) from None
+
+    def _unit_skipped_rows(self, unit: int, array: zarr.Array | None = None) -> set[int]:
+        entry = str(self._read(UNIT_SKIPPED, unit, unit, array))
+        try:
+            return {int(row) for row, _ in json.loads(entry)} if entry else set()
+        except (ValueError, TypeError) as exc:
+            raise self._damaged(UNIT_SKIPPED, unit, f"not a JSON list of [row, reason]: {_one_line(exc)}") from None
 
     # --- arrays
     def labels(self) -> np.ndarray:
-        """int64 [N] labels of every row, -1 for skipped samples."""
-        return np.asarray(self.group[LABELS][:], dtype=np.int64)
+        """int64 [N] labels of every row, -1 for skipped samples. Checked per unit: decodable, in range,
+        and (in a complete split) -1 exactly where the units' skipped lists say."""
+        array = self._array(LABELS)
+        chunk = int(array.chunks[0])
+        top = self.store.num_classes
+        try:  # one concurrent read on the fast path; chunk by chunk only to say which chunk is damaged
+            labels = np.asarray(array[:], dtype=np.int64)
+        except Exception:  # noqa: BLE001 - codec errors come in several types
+            for unit, start in enumerate(range(0, self.n, chunk)):
+                self._read(LABELS, slice(start, min(self.n, start + chunk)), unit, array)
+            raise  # pragma: no cover - a failure that no single chunk reproduces
+        bad = np.flatnonzero((labels < SKIPPED_LABEL) | (labels >= top))
+        if len(bad):
+            raise self._damaged(LABELS, int(bad[0]) // chunk, f"label {int(labels[bad[0]])} out of range -1..{top - 1}")
+        if self.complete and "num_skipped" in self.attrs:
+            self._check_skipped(labels)
+        return labels
+
+    def _check_skipped(self, labels: np.ndarray) -> None:
+        """-1 labels must be the rows the units' skipped lists name. Counted first (cheap); the per-unit
+        lists are read only when the counts differ, to say which unit is damaged."""
+        if int(np.count_nonzero(labels == SKIPPED_LABEL)) == int(self.attrs["num_skipped"]):
+            return
+        array = self._array(UNIT_SKIPPED)
+        chunk_rows = int(self.attrs["chunk_rows"])
+        for unit in range(int(self.attrs["num_units"])):
+            lo, hi = unit_rows(unit, chunk_rows, self.n)
+            marked = set((np.flatnonzero(labels[lo:hi] == SKIPPED_LABEL) + lo).tolist())
+            listed = self._unit_skipped_rows(unit, array)
+            if marked != listed:
+                raise self._damaged(LABELS, unit, f"{len(marked - listed)} row(s) labelled -1 (skipped) that the "
+                                                  f"unit's skipped list does not name: a missing or overwritten chunk")
+        raise StoreError(f"store {self.store.location}: {self.backbone}/{self.split_name} attribute num_skipped "
+                         f"({self.attrs['num_skipped']}) disagrees with its labels: {self.rebuild_hint()}")
 
     def sample_ids(self) -> list[str]:
-        return [str(s) for s in self.group[SAMPLE_IDS][:]]
+        return [str(s) for s in self._read(SAMPLE_IDS)]
 
     def load(self, view: int | Literal["all"] = 0, device: str | torch.device = "cpu") -> SplitData:
         """Features of the usable samples as float32. view=k -> [M, D]; view="all" -> [M, K, D]
-        (K=1 for a single-view store). Read chunk by chunk to keep peak memory near the output size."""
+        (K=1 for a single-view store). Read chunk by chunk to keep peak memory near the output size, and
+        checked per chunk (see the class docstring): damage raises StoreError, never a wrong result."""
         if view != "all":
             if isinstance(view, bool) or not isinstance(view, (int, np.integer)) or not 0 <= view < self.views:
                 raise StoreError(f"{self.backbone}/{self.split_name} holds views 0..{self.views - 1}, "
@@ -255,7 +424,7 @@ class StoreSplit:
         labels = self.labels()
         keep = labels != SKIPPED_LABEL
         rows = np.flatnonzero(keep).astype(np.int64)
-        array = self.group[FEATURES]
+        array = self._array(FEATURES)
         multi = array.ndim == 3
         if view == "all":
             out = np.empty((len(rows), self.views, self.dim), dtype=np.float32)
@@ -263,37 +432,150 @@ class StoreSplit:
             out = np.empty((len(rows), self.dim), dtype=np.float32)
         chunk = int(array.chunks[0])
         filled = 0
-        for start in range(0, self.n, chunk):
+        for unit, start in enumerate(range(0, self.n, chunk)):
             stop = min(self.n, start + chunk)
             mask = keep[start:stop]
             count = int(mask.sum())
             if count == 0:
                 continue
             if view == "all":
-                block = array[start:stop] if multi else array[start:stop][:, None, :]
+                block = self._read(FEATURES, slice(start, stop), unit, array)
+                block = block if multi else block[:, None, :]
             else:
-                block = array[start:stop, view] if multi else array[start:stop]
-            out[filled:filled + count] = block[mask]
+                block = self._read(FEATURES, (slice(start, stop), view) if multi else slice(start, stop), unit, array)
+            part = out[filled:filled + count]
+            part[...] = block[mask]
+            if not np.isfinite(part).all():
+                raise self._damaged(FEATURES, unit, "non-finite values in rows that hold an image: a missing "
+                                                    "or overwritten chunk")
             filled += count
         return SplitData(features=torch.from_numpy(out).to(device),
                          labels=torch.from_numpy(labels[rows]).to(device),
                          rows=torch.from_numpy(rows).to(device))
 
+    def _class_statistic(self, name: str, dtype: Any) -> np.ndarray:
+        values = self._read(name).astype(dtype, copy=False)
+        bad = (values < 0).any() if name == CLASS_COUNT else not np.isfinite(values).all()
+        if bad:  # fills: -1 counts, NaN moments, i.e. a chunk missing
+            raise StoreError(f"store {self.store.location}: {self.backbone}/{self.split_name} {name} is damaged "
+                             f"(missing or invalid values): {self.rebuild_hint()}")
+        return values
+
     def class_count(self) -> np.ndarray:
-        return np.asarray(self.group[CLASS_COUNT][:], dtype=np.int64)
+        return self._class_statistic(CLASS_COUNT, np.int64)
 
     def class_mean(self) -> np.ndarray:
-        return np.asarray(self.group[CLASS_MEAN][:], dtype=np.float32)
+        return self._class_statistic(CLASS_MEAN, np.float32)
 
     def class_sq_mean(self) -> np.ndarray:
-        return np.asarray(self.group[CLASS_SQ_MEAN][:], dtype=np.float32)
+        return self._class_statistic(CLASS_SQ_MEAN, np.float32)
 
     def class_second_moment(self) -> np.ndarray:
         """float32 [C, D, D] E[x x^T] per class; only in stores built with --full-cov."""
         if CLASS_SECOND_MOMENT not in self.group:
             raise StoreError(f"{self.backbone}/{self.split_name} has no full second moments: rebuild it "
                              f"with --full-cov (into a new store, or after deleting that group)")
-        return np.asarray(self.group[CLASS_SECOND_MOMENT][:], dtype=np.float32)
+        return self._class_statistic(CLASS_SECOND_MOMENT, np.float32)
+
+    # --- full check
+    def verify(self) -> list[Damage]:
+        """Every check a read makes, on every row, view and array: each unit's completion marker, every
+        chunk decodes (checksum), features finite where a row holds an image, labels in range and -1
+        exactly on the rows the unit's skipped list names, sample ids present, the unit's partial
+        statistics decodable, finite and consistent with its labels; then the class statistics present,
+        finite and equal to the merged unit counts. Reads everything; writes nothing. A damaged unit is
+        reported once (its first failed check)."""
+        def whole(what: str, repairable: bool = False) -> Damage:
+            return Damage(self.backbone, self.split_name, what, repairable=repairable)
+
+        try:
+            n, r, u = self.n, int(self.attrs["chunk_rows"]), int(self.attrs["num_units"])
+            specs = array_specs(self.attrs, self.store.num_classes)
+            arrays = {name: self._array(name) for name in specs}
+        except StoreError as exc:
+            return [whole(str(exc).split(": ", 1)[-1])]
+        except (KeyError, TypeError, ValueError) as exc:
+            return [whole(f"split attributes incomplete ({_one_line(exc)}): delete "
+                          f"{self.store.location.child(self.backbone, self.split_name)} and rebuild the split")]
+        for name, spec in specs.items():
+            if tuple(arrays[name].shape) != tuple(spec["shape"]):
+                return [whole(f"{name}: shape {arrays[name].shape}, expected {spec['shape']}: delete "
+                              f"{self.store.location.child(self.backbone, self.split_name)} and rebuild the split")]
+        c = self.store.num_classes
+        complete = self.complete
+        damages: list[Damage] = []
+        total_counts = np.zeros(c, dtype=np.int64)
+        total_skipped = 0
+
+        def read(name: str, selection: Any) -> np.ndarray:
+            try:
+                return np.asarray(arrays[name][selection])
+            except Exception as exc:  # noqa: BLE001 - codec errors come in several types
+                raise _Bad(name, describe_read_error(exc)) from None
+
+        for k in range(u):
+            lo, hi = unit_rows(k, r, n)
+            try:
+                if not int(read(UNIT_DONE, k)):
+                    if complete:
+                        raise _Bad(UNIT_DONE, "completion marker missing in a complete split")
+                    continue  # not built yet: the normal resume path finishes it
+                labels = read(LABELS, slice(lo, hi)).astype(np.int64, copy=False)
+                bad = (labels < SKIPPED_LABEL) | (labels >= c)
+                if bad.any():
+                    raise _Bad(LABELS, f"label {int(labels[bad][0])} out of range -1..{c - 1}")
+                valid = labels != SKIPPED_LABEL
+                features = read(FEATURES, slice(lo, hi))
+                if not np.isfinite(features[valid]).all():
+                    raise _Bad(FEATURES, "non-finite values in rows that hold an image: a missing or "
+                                         "overwritten chunk")
+                ids = read(SAMPLE_IDS, slice(lo, hi))
+                if any(str(i) == "" for i in ids):
+                    raise _Bad(SAMPLE_IDS, "empty sample ids: a missing chunk")
+                entry = str(read(UNIT_SKIPPED, k))
+                try:
+                    listed = {int(row) for row, _ in json.loads(entry)} if entry else set()
+                except (ValueError, TypeError):
+                    raise _Bad(UNIT_SKIPPED, "not a JSON list of [row, reason]") from None
+                marked = set((np.flatnonzero(~valid) + lo).tolist())
+                if marked != listed:
+                    raise _Bad(LABELS, f"{len(marked ^ listed)} row(s) where the -1 (skipped) labels and the "
+                                       f"unit's skipped list disagree: a missing or overwritten chunk")
+                counts = read(UNIT_COUNT, k).astype(np.int64, copy=False)
+                if not np.array_equal(counts, np.bincount(labels[valid], minlength=c)):
+                    raise _Bad(UNIT_COUNT, "per-class counts disagree with the labels")
+                present = np.flatnonzero(counts)
+                if len(present):
+                    partials = [(UNIT_SUM, (k, present, slice(None))), (UNIT_SQSUM, (k, present, slice(None)))]
+                    if UNIT_OUTER in arrays:
+                        partials.append((UNIT_OUTER, (k, present, slice(None), slice(None))))
+                    for name, selection in partials:
+                        try:
+                            values = arrays[name].get_orthogonal_selection(selection)
+                        except Exception as exc:  # noqa: BLE001 - see read()
+                            raise _Bad(name, describe_read_error(exc)) from None
+                        if not np.isfinite(values).all():
+                            raise _Bad(name, "non-finite partial sums")
+                total_counts += counts
+                total_skipped += len(listed)
+            except _Bad as bad:
+                damages.append(Damage(self.backbone, self.split_name, str(bad), unit=k, rows=(lo, hi)))
+        if not complete:
+            return damages
+        try:
+            stats = (CLASS_COUNT, CLASS_MEAN, CLASS_SQ_MEAN, CLASS_SECOND_MOMENT)
+            for name in (name for name in stats if name in arrays):
+                values = read(name, slice(None))
+                if (values < 0).any() if name == CLASS_COUNT else not np.isfinite(values).all():
+                    raise _Bad(name, "missing or invalid values (a missing chunk?)")
+                if name == CLASS_COUNT and not damages and not np.array_equal(values, total_counts):
+                    raise _Bad(name, "disagrees with the units' counts")
+            if not damages and int(self.attrs.get("num_skipped", total_skipped)) != total_skipped:
+                raise _Bad("attribute num_skipped", f"says {self.attrs.get('num_skipped')}, the units list "
+                                                    f"{total_skipped}")
+        except _Bad as bad:
+            damages.append(whole(f"class statistics: {bad}", repairable=True))
+        return damages
 
     def open_backbone(self, device: str | torch.device = "cpu", weights: str | None = None):
         """The backbone that produced this split: same registry name and image size, the `weights` given,
@@ -381,22 +663,36 @@ class FeatureStore:
     def num_classes(self) -> int:
         return len(self.attrs["class_names"])
 
+    def child_groups(self, *parts: str) -> list[tuple[str, zarr.Group]]:
+        """(name, group) of the child groups under `parts`, one at a time (see `child_names`); a child
+        whose zarr.json is damaged raises StoreError naming it."""
+        parent = self.root
+        for part in parts:
+            parent = parent[part]
+        out = []
+        for name in child_names(self.location, *parts):
+            node = open_child(self.location, parent, name, "split group" if parts else "backbone group")
+            if isinstance(node, zarr.Group):
+                out.append((name, node))
+        return out
+
     def backbones(self) -> list[str]:
-        return sorted(name for name, _ in self.root.groups())
+        return [name for name, _ in self.child_groups()]
 
     def splits(self, backbone: str, complete_only: bool = False) -> list[str]:
         """Splits stored for `backbone` (train and val first); [] if the backbone is absent."""
         if backbone not in self.backbones():
             return []
-        names = [name for name, group in self.root[backbone].groups()
+        names = [name for name, group in self.child_groups(backbone)
                  if not complete_only or group.attrs.get("complete", False)]
         return sorted(names, key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
 
     def _holdings(self) -> str:
         parts = []
         for bb in self.backbones():
-            for sp in self.splits(bb):
-                done = self.root[bb][sp].attrs.get("complete", False)
+            for sp, group in sorted(self.child_groups(bb), key=lambda item: ({"train": 0, "val": 1}.get(item[0], 2),
+                                                                          item[0])):
+                done = group.attrs.get("complete", False)
                 parts.append(f"{bb}/{sp}" + ("" if done else " (incomplete)"))
         return ", ".join(parts) if parts else "nothing yet"
 
@@ -414,7 +710,7 @@ class FeatureStore:
             raise StoreError(f"store {self.path} has no {backbone}/{split}; it holds: {self._holdings()}. "
                              f"Build it with `fs build {self.dataset} --backbone {backbone} --split {split} "
                              f"--store {self.path}`")
-        sp = StoreSplit(self, name, split, self.root[name][split])
+        sp = StoreSplit(self, name, split, open_child(self.location, self.root[name], split, "split group"))
         if not sp.complete and not allow_incomplete:
             raise StoreError(f"{name}/{split} in {self.path} is incomplete ({sp.units_done()}/"
                              f"{sp.attrs['num_units']} units): rerun the same `fs build` command to finish it")
@@ -423,8 +719,9 @@ class FeatureStore:
     def iter_splits(self) -> Iterator[StoreSplit]:
         """Every backbone/split group, complete or not."""
         for bb in self.backbones():
+            groups = dict(self.child_groups(bb))
             for sp in self.splits(bb):
-                yield StoreSplit(self, bb, sp, self.root[bb][sp])
+                yield StoreSplit(self, bb, sp, groups[sp])
 
 
 def open_store(store: "str | os.PathLike | StoreLocation | FeatureStore") -> FeatureStore:

@@ -132,7 +132,7 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "cli.fs", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for command in ("build", "info", "backbones", "datasets"):
+    for command in ("build", "info", "verify", "backbones", "datasets"):
         assert command in result.stdout
 
 

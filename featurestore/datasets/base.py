@@ -15,17 +15,23 @@ from .decode import decode_image_file
 SPLITS: tuple[str, str] = ("train", "val")
 
 
+class DatasetWarning(UserWarning):
+    """Something listing a dataset left out (duplicate paths, a Zarr store inside the root): `fs build`
+    shows each as one `warning:` line on stderr."""
+
+
 class ImageDataset:
     """A labelled split of an image dataset. Subclasses implement `_load(i) -> RGB PIL image`.
 
     Attributes: `name` (the registry name), `root` (str or None), `split`, `class_names`, `labels` (int64
     [N]), `sample_ids` (one string per sample that finds it again: the path relative to `root` for
-    files, `"<index>"` into the original split for array datasets), `limit_per_class`. Instances are
-    picklable, so DataLoader workers can decode (`featurestore.views`).
+    files, `"<index>"` into the original split for array datasets), `limit_per_class`, `warnings` (one-line
+    notes about what listing left out). Instances are picklable, so DataLoader workers can decode (`featurestore.views`).
     """
 
     def __init__(self, *, name: str, root: str | None, split: str, class_names: Sequence[str],
-                 labels: np.ndarray, sample_ids: Sequence[str], limit_per_class: int | None = None) -> None:
+                 labels: np.ndarray, sample_ids: Sequence[str], limit_per_class: int | None = None,
+                 warnings: Sequence[str] = ()) -> None:
         self.name = name
         self.root = root
         self.split = split
@@ -33,6 +39,9 @@ class ImageDataset:
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int64)
         self.sample_ids: list[str] = list(sample_ids)
         self.limit_per_class = limit_per_class
+        # One-line notes about what listing the samples left out (duplicates, foreign folders); `fs build`
+        # shows each on stderr.
+        self.warnings: list[str] = list(warnings)
         if len(self.labels) != len(self.sample_ids):
             raise ValueError("labels and sample_ids must have the same length")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
+import stat
 
 import numpy as np
 import torch
@@ -73,14 +73,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image_file(path: str | os.PathLike) -> Image.Image:
-    """Read and fully decode an image file to RGB; any failure raises `CorruptImageError(reason)`."""
+# Largest image file read (bytes). The biggest legitimate dataset images (TIFF scans, 100 MP JPEGs) stay
+# well below it; anything larger is almost surely not an image (a disk image, /dev/zero behind a link)
+# and reading it whole would exhaust a DataLoader worker's memory.
+MAX_IMAGE_FILE_BYTES = 256 * 1024 * 1024
+
+_FILE_KINDS = ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+               (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"))
+
+
+def _read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `limit` bytes, else CorruptImageError.
+    Checked with stat before opening: opening a FIFO blocks forever, reading /dev/zero never ends."""
+    try:
+        info = os.stat(path)  # follows symlinks: the kind of what a link points to is what matters
+    except OSError as exc:
+        raise CorruptImageError(f"unreadable file: {short_error(exc)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special file")
+        raise CorruptImageError(f"not a regular file ({kind})")
+    if info.st_size > limit:
+        raise CorruptImageError(f"file too large ({info.st_size} bytes, more than the {limit >> 20} MiB "
+                                f"read per image)")
     try:
         # Reading the bytes first keeps no file handle open after decoding (PIL keeps multi-frame
         # files such as GIF/TIFF open lazily), which matters with thousands of files per worker.
-        data = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)  # bounded even if the file grew since the stat
     except OSError as exc:
         raise CorruptImageError(f"unreadable file: {short_error(exc)}") from None
+    if len(data) > limit:
+        raise CorruptImageError(f"file too large (more than the {limit >> 20} MiB read per image)")
+    return data
+
+
+def decode_image_file(path: str | os.PathLike) -> Image.Image:
+    """Read and fully decode an image file to RGB; any failure raises `CorruptImageError(reason)`.
+    Only regular files of at most `MAX_IMAGE_FILE_BYTES` are read (FIFOs, devices and huge files are
+    refused without reading them)."""
+    data = _read_regular_file(path, MAX_IMAGE_FILE_BYTES)
     if not data:
         raise CorruptImageError("empty file (0 bytes)")
     try:

@@ -1,0 +1,527 @@
+"""What the store side does when things go wrong: damaged chunks (detected on read, by `fs verify`, fixed
+by `fs build --repair`), concurrent builds (locks), special files among the images, symlink loops,
+stores inside the dataset root, read-only / full / misplaced stores, bad weights, progress in logs.
+
+Each test names the defect it covers; on the code before these fixes each one fails (a traceback, a
+hang caught by a timeout, a silent wrong result, or a missing command), as its docstring says."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from cli.fs import app
+from featurestore import schema
+from featurestore.datasets import CorruptImageError, decode_image_file, open_dataset
+from featurestore.errors import StoreError
+from featurestore.store import FeatureStore
+from tests.test_store_build import assert_groups_identical
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--limit-per-class", "4", "--split", "train", "--chunk-rows", "16", "--batch-size", "8",
+        "--workers", "0", "--quiet"]
+BUILD = ["build", "synthetic", "--backbone", "test-cnn", *TINY]  # 40 rows, units of 16, 16, 8 rows
+SPLIT = Path("test-cnn") / "train"
+
+
+def run(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments: str, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def chunk(store: Path, array: str, unit: int) -> Path:
+    path = store / SPLIT / array / "c" / str(unit)
+    return path / "0" if (path / "0").exists() else path
+
+
+@pytest.fixture(scope="module")
+def clean_store(tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("faults") / "clean"
+    result = run(*BUILD, "--store", store)
+    assert result.exit_code == 0, result.output
+    return store
+
+
+@pytest.fixture
+def store_copy(clean_store, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(clean_store, copy, ignore=shutil.ignore_patterns(".locks"))
+    return copy
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. damaged features: detected on read, listed by `fs verify`, fixed by `fs build --repair`
+
+
+def test_new_stores_checksum_every_chunk(clean_store):
+    """Defect 1: the per-row arrays had no checksum (features had no codec at all)."""
+    for name in (schema.FEATURES, schema.LABELS, schema.SAMPLE_IDS, schema.UNIT_SUM, schema.CLASS_MEAN):
+        meta = json.loads((clean_store / SPLIT / name / "zarr.json").read_text())
+        assert {"name": "crc32c"} in meta["codecs"], name
+    assert json.loads((clean_store / "zarr.json").read_text())["attributes"]["schema_version"] == 1
+
+
+@pytest.mark.parametrize("damage,array,rows,fragment", [
+    ("delete features", "features", "rows 16-31 (unit 1 of 3)", "non-finite values"),
+    ("random features", "features", "rows 32-39 (unit 2 of 3)", "checksum mismatch"),
+    ("truncate features", "features", "rows 0-15 (unit 0 of 3)", "checksum mismatch"),
+    ("random labels", "labels", "rows 16-31 (unit 1 of 3)", "checksum mismatch"),
+    ("delete labels", "labels", "rows 0-15 (unit 0 of 3)", "skipped list does not name"),
+])
+def test_load_refuses_damaged_chunks_in_one_line(store_copy, damage, array, rows, fragment):
+    """Defect 1: before, a missing chunk loaded as NaN rows (or, for labels, as 'skipped' rows) and a
+    random or truncated chunk loaded as garbage or raised a zarr traceback."""
+    kind, name = damage.split()
+    unit = {"rows 0-15": 0, "rows 16-31": 1, "rows 32-39": 2}[rows.split(" (")[0]]
+    path = chunk(store_copy, name, unit)
+    size = path.stat().st_size
+    if kind == "delete":
+        path.unlink()
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(size))
+    else:
+        path.write_bytes(path.read_bytes()[: size // 2])
+    sp = FeatureStore.open(store_copy).split("test-cnn", "train")
+    with pytest.raises(StoreError) as info:
+        sp.load()
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"test-cnn/train {array} {rows}" in message and fragment in message
+    assert (f"rebuild with: fs build gratings --backbone test-cnn --store {store_copy} --limit-per-class 4 "
+            f"--split train --repair") in message
+
+
+def test_class_statistics_reads_refuse_missing_chunks(store_copy):
+    """Defect 1: a missing class_mean chunk read as NaN means silently."""
+    chunk(store_copy, "class_mean", 0).unlink()
+    sp = FeatureStore.open(store_copy).split("test-cnn", "train")
+    assert sp.load().features.shape == (40, 24)  # the features themselves are intact
+    with pytest.raises(StoreError, match="class_mean is damaged.*--repair"):
+        sp.class_mean()
+
+
+def test_verify_lists_damaged_units_and_repair_recomputes_only_them(clean_store, store_copy):
+    """Defect 1: `fs verify` and `fs build --repair` did not exist (typer exit 2, 'No such command' /
+    'No such option'). Damage: unit 0's features chunk deleted, unit 2's overwritten with random bytes of
+    the same size, the class means' chunk deleted."""
+    assert run("verify", "--store", store_copy).exit_code == 0
+    chunk(store_copy, "features", 0).unlink()
+    rand = chunk(store_copy, "features", 2)
+    rand.write_bytes(np.random.default_rng(1).bytes(rand.stat().st_size))
+    chunk(store_copy, "class_mean", 0).unlink()
+
+    result = run("verify", "--store", store_copy)
+    assert result.exit_code == 1, result.output
+    damaged = [line for line in result.stdout.splitlines() if line.startswith("damaged: ")]
+    assert damaged == [
+        "damaged: test-cnn/train unit 0 (rows 0-15): features: non-finite values in rows that hold an image: "
+        "a missing or overwritten chunk",
+        "damaged: test-cnn/train unit 2 (rows 32-39): features: checksum mismatch: the chunk was changed or "
+        "truncated on disk",
+        "damaged: test-cnn/train: class statistics: class_mean: missing or invalid values (a missing chunk?)",
+    ]
+    repair_line = next(line for line in result.stdout.splitlines() if "repair with: " in line)
+    command = repair_line.split("repair with: ", 1)[1].split()
+    assert command[:2] == ["fs", "build"] and command[-1] == "--repair"
+
+    # The printed command, run as printed (plus how to run it: batch size as built, no workers).
+    repaired = run(*command[1:], "--batch-size", "8", "--workers", "0", "--quiet")
+    assert repaired.exit_code == 0, repaired.output
+    assert "test-cnn/train: repaired: 2 damaged unit(s) (0, 2) recomputed; class statistics merged again" \
+        in repaired.stdout
+    assert "test-cnn/train: complete, 40 rows (24 computed now)" in repaired.stdout  # units 0 and 2 only
+    assert_groups_identical(clean_store, store_copy, "test-cnn", "train")  # bit for bit
+    assert run("verify", "--store", store_copy).exit_code == 0
+    again = run(*command[1:], "--batch-size", "8", "--workers", "0", "--quiet")
+    assert "already complete (40 rows), no damage found, nothing to do" in again.stdout
+
+
+def test_verify_reports_labels_inconsistent_with_skipped_lists_and_old_stores(tmp_path, monkeypatch):
+    """Defect 1: stores built before checksums stay readable and checkable: out-of-range labels and -1
+    labels the unit's skipped list does not name are damage (they loaded silently before)."""
+    monkeypatch.setattr(schema, "checksum_codecs", lambda: [])  # what older releases wrote
+    store = tmp_path / "old"
+    assert run(*BUILD, "--store", store).exit_code == 0
+    monkeypatch.undo()
+    meta = json.loads((store / SPLIT / "features" / "zarr.json").read_text())
+    assert all(codec["name"] != "crc32c" for codec in meta["codecs"])
+    ok = run("verify", "--store", store)
+    assert ok.exit_code == 0 and "no chunk checksums" in ok.stdout
+    labels = zarr.open_array(str(store / SPLIT / "labels"), mode="r+")
+    labels[3] = 99
+    labels[20] = -1
+    with pytest.raises(StoreError, match=r"labels rows 0-15 \(unit 0 of 3\) is damaged \(label 99 out of range"):
+        FeatureStore.open(store).split("test-cnn", "train").load()
+    result = run("verify", "--store", store)
+    assert result.exit_code == 1
+    assert "damaged: test-cnn/train unit 0 (rows 0-15): labels: label 99 out of range -1..9" in result.stdout
+    assert ("damaged: test-cnn/train unit 1 (rows 16-31): labels: 1 row(s) where the -1 (skipped) labels and "
+            "the unit's skipped list disagree") in result.stdout
+
+
+def test_truncated_split_metadata_is_one_line_everywhere(store_copy, dir_digest):
+    """Defect 5: a truncated zarr.json of the split group gave JSONDecodeError tracebacks in info,
+    build and reads."""
+    meta = store_copy / SPLIT / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:40])
+    before = dir_digest(store_copy)
+    for args in (["info", "--store", store_copy], [*BUILD, "--store", store_copy]):
+        one_line_error(run(*args), "metadata of split group", "is unreadable", "delete")
+    verify = run("verify", "--store", store_copy)
+    assert verify.exit_code == 1 and "damaged: test-cnn/train: the metadata of split group" in verify.stdout
+    with pytest.raises(StoreError, match="unreadable"):
+        FeatureStore.open(store_copy).split("test-cnn", "train")
+    assert dir_digest(store_copy) == before
+
+
+def test_fp16_overflow_is_refused_not_stored_as_inf(tmp_path, monkeypatch):
+    """Readers take non-finite features for damage, so the writer must never store any: features beyond
+    the float16 range were stored as inf before."""
+    from featurestore.backbones import Backbone
+
+    embed = Backbone.embed
+    monkeypatch.setattr(Backbone, "embed", lambda self, *a, **k: embed(self, *a, **k) * 1e6)
+    one_line_error(run(*BUILD, "--store", tmp_path / "s"), "exceed the float16 range", "--dtype fp32")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. locks
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from featurestore.runtime import exclusive_lock
+    with exclusive_lock(sys.argv[1], "test"):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+@pytest.fixture
+def hold_lock():
+    """hold_lock(folder): another live process holds folder/.lock (flock) until the test ends."""
+    procs = []
+
+    def hold(folder: Path) -> int:
+        proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc.pid
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_second_build_is_refused_while_one_holds_the_store(tmp_path, hold_lock, dir_digest):
+    """Defect 3: two builds into one store both did all the work; now the second stops, names the holder
+    and writes nothing. Shards of one job lock separately and still run together."""
+    store = tmp_path / "s"
+    first = run(*BUILD, "--store", store, "--shard", "0/2")
+    assert first.exit_code == 0, first.output
+    assert (store / ".locks" / "test-cnn.shard-0-of-2" / ".lock").is_file()
+    pid = hold_lock(store / ".locks" / "test-cnn")  # a plain build of test-cnn is running
+    before = dir_digest(store)
+    one_line_error(run(*BUILD, "--store", store), "is in use by another process", f"pid {pid} on")
+    assert dir_digest(store) == before
+    hold_lock(store / ".locks" / "test-cnn.shard-0-of-2")
+    one_line_error(run(*BUILD, "--store", store, "--shard", "0/2"), "in use by another process")
+    other = run(*BUILD, "--store", store, "--shard", "1/2")  # another shard of the same job: not blocked
+    assert other.exit_code == 0, other.output
+    assert "test-cnn/train: complete, 40 rows (24 computed now)" in other.stdout
+
+
+KILL_MAIN_RUNNER = textwrap.dedent("""
+    import sys, time, zarr
+    _set = zarr.Array.__setitem__
+    def slow(self, *args):  # a window in which to kill the build mid-way
+        time.sleep(0.05)
+        return _set(self, *args)
+    zarr.Array.__setitem__ = slow
+    from featurestore.build import build
+    build("synthetic", "test-cnn", sys.argv[1], splits=["train"], limit_per_class=4, chunk_rows=8,
+          batch_size=4, workers=1, quiet=True)
+""")
+
+
+def test_a_killed_build_leaves_its_store_unlocked(tmp_path):
+    """Defect 3 (lock hygiene): DataLoader workers are forked while the build holds its lock and inherit
+    its descriptor; after `kill -9` of the build alone, they kept the store locked (naming the dead pid)
+    until they noticed, seconds later. Now workers close it when they start."""
+    from featurestore.runtime import is_locked
+
+    store = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MAIN_RUNNER, str(store)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+    markers = store / SPLIT / "unit_done" / "c"
+    try:
+        deadline = time.monotonic() + 120
+        while not (markers.is_dir() and any(markers.iterdir())):  # workers are running by now
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the build made no progress"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # the build only: its worker lives on for a while
+        proc.wait()
+        assert is_locked(store / ".locks" / "test-cnn") is None
+        result = run(*BUILD, "--store", store, "--chunk-rows", "8")
+        assert result.exit_code == 0, result.output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
+
+
+def test_folder_holding_only_a_lock_is_an_empty_store(tmp_path):
+    """Defect 3: hidden entries (a first build killed before it wrote zarr.json leaves .locks/) made the
+    folder 'not a feature store'."""
+    store = tmp_path / "s"
+    (store / ".locks" / "test-cnn").mkdir(parents=True)
+    (store / ".locks" / "test-cnn" / ".lock").write_text("")
+    one_line_error(run("info", "--store", store), "no feature store")
+    result = run(*BUILD, "--store", store)
+    assert result.exit_code == 0, result.output
+    assert run("info", "--store", store).exit_code == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. special files among the images; 2. symlink loops; 6. stores inside the dataset root
+
+
+def _tiny_folder(root: Path, classes: tuple[str, ...] = ("a", "b", "c"), per_class: int = 2) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        folder = root / "train" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray((rng.random((16, 16, 3)) * 200 + c).astype(np.uint8)).save(folder / f"img{i}.png")
+    return root
+
+
+def test_fifo_and_dev_zero_are_skipped_not_read(tmp_path):
+    """Defect 4: a FIFO named x.png hung the build forever; a link to /dev/zero read until memory ran out.
+    Run in a subprocess with a timeout so a regression fails instead of hanging the suite."""
+    root = _tiny_folder(tmp_path / "data")
+    os.mkfifo(root / "train" / "a" / "pipe.png")
+    (root / "train" / "b" / "zero.png").symlink_to("/dev/zero")
+    store = tmp_path / "s"
+    command = [sys.executable, "-m", "cli.fs", "build", "imagefolder", "--backbone", "test-cnn", "--data-root",
+               str(root), "--store", str(store), "--workers", "0", "--quiet"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "test-cnn/train: complete, 8 rows (8 computed now), 2 skipped" in result.stdout
+    skipped = {s["sample_id"]: s["reason"] for s in FeatureStore.open(store).split("test-cnn", "train").skipped}
+    assert skipped == {"train/a/pipe.png": "not a regular file (fifo)",
+                       "train/b/zero.png": "not a regular file (character device)"}
+
+
+def test_files_above_the_size_cap_are_refused(tmp_path, monkeypatch):
+    """Defect 4: there was no size cap (decode_image_file read any file whole)."""
+    from featurestore.datasets import decode
+
+    path = _tiny_folder(tmp_path / "data") / "train" / "a" / "img0.png"
+    assert decode_image_file(path).size == (16, 16)
+    monkeypatch.setattr(decode, "MAX_IMAGE_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(CorruptImageError, match="file too large"):
+        decode_image_file(path)
+    assert decode.MAX_IMAGE_FILE_BYTES < 2**40  # the real default is a sane finite cap
+
+
+def test_symlink_loops_and_duplicate_links_list_each_image_once(tmp_path):
+    """Defect 2: `train/c/again -> .` listed c's 2 images once per loop level (dozens of times), silently."""
+    root = _tiny_folder(tmp_path / "data")
+    (root / "train" / "c" / "again").symlink_to(".")
+    (root / "train" / "a" / "also.png").symlink_to("img0.png")  # the same file under a second name
+    (root / "train" / "b" / "more").symlink_to("../a")  # class a's folder inside class b
+    ds = open_dataset("imagefolder", root=root, split="train")
+    assert ds.sample_ids == ["train/a/img0.png", "train/a/img1.png", "train/b/img0.png", "train/b/img1.png",
+                             "train/c/img0.png", "train/c/img1.png"]  # of two paths, the real one is kept
+    assert ds.warnings == ["split train: left out 2 folder link(s) to folders already listed (e.g. "
+                           "train/b/more) and 1 path(s) to image files already listed (e.g. train/a/also.png); "
+                           "every image is read once"]
+    result = run("build", "imagefolder", "--backbone", "test-cnn", "--data-root", root, "--store",
+                 tmp_path / "s", "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "complete, 6 rows" in result.stdout
+    assert result.stderr.splitlines() == [f"warning: {ds.warnings[0]}"]
+
+
+@pytest.mark.parametrize("where", [".", "train"])
+def test_store_inside_the_dataset_root_is_not_a_split_or_class(tmp_path, where):
+    """Defect 6: a store built into ROOT/features (or ROOT/train/features) became a split (or a class) of
+    the next build, which then refused the store ('different class names')."""
+    root = _tiny_folder(tmp_path / "data")
+    store = root / where / "features"
+    args = ["build", "imagefolder", "--backbone", "test-cnn", "--data-root", root, "--store", store,
+            "--workers", "0", "--quiet"]
+    assert run(*args).exit_code == 0
+    again = run(*args)
+    assert again.exit_code == 0, again.output
+    assert "test-cnn/train: already complete (6 rows), nothing to do" in again.stdout
+    warnings = again.stderr.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped ")
+    assert "Zarr stores" in warnings[0] and os.path.join(where, "features").lstrip("./") in warnings[0]
+    assert open_dataset("imagefolder", root=root, split="train").class_names == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. stores that cannot be written, disk full, bad weights
+
+
+def test_parent_of_store_is_a_file_fails_before_the_backbone_loads(tmp_path, monkeypatch):
+    """Defect 5: a NotADirectoryError traceback, after loading the backbone."""
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the store was checked")
+
+    monkeypatch.setattr("featurestore.build.create_backbone", no_backbone)
+    (tmp_path / "notes.txt").write_text("x")
+    one_line_error(run(*BUILD, "--store", tmp_path / "notes.txt" / "store"), "notes.txt is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "x"
+
+
+READ_ONLY_RUNNER = textwrap.dedent("""
+    import json, sys
+    from typer.testing import CliRunner
+    import featurestore.build
+    from cli.fs import app
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the store was checked")
+
+    real = featurestore.build.create_backbone
+    out = {}
+    for name, argv in json.loads(sys.argv[1]).items():
+        # A complete store needs the backbone (fingerprint check) but no write access; the others must be
+        # refused before it loads.
+        featurestore.build.create_backbone = real if name in ("complete", "verify") else no_backbone
+        result = CliRunner().invoke(app, argv)
+        out[name] = [result.exit_code, result.stdout, result.stderr]
+    print(json.dumps(out))
+""")
+
+
+def test_read_only_store_fails_in_one_line_before_heavy_work(tmp_path, dir_digest):
+    """Defect 5: builds into a read-only folder died with a PermissionError traceback after loading the
+    backbone and decoding images. Run as a user the permissions apply to: root drops CAP_DAC_OVERRIDE."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions cannot be enforced")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    partial, complete = tmp_path / "partial", tmp_path / "complete"
+    assert run(*BUILD, "--store", partial, "--shard", "0/2").exit_code == 0
+    assert run(*BUILD, "--store", complete).exit_code == 0
+    for folder in (ro, partial, complete):
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+    digests = {p: dir_digest(p) for p in (partial, complete)}
+    argv = {"new": [*BUILD, "--store", str(ro / "store")], "partial": [*BUILD, "--store", str(partial)],
+            "complete": [*BUILD, "--store", str(complete)], "verify": ["verify", "--store", str(complete)]}
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-c", READ_ONLY_RUNNER, json.dumps(argv)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        for folder in (ro, partial, complete):
+            for path in [folder, *folder.rglob("*")]:
+                path.chmod(path.stat().st_mode | 0o200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    for name in ("new", "partial"):
+        code, _, stderr = out[name]
+        assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("error: "), (name, stderr)
+        assert "permission denied" in stderr and "Traceback" not in stderr
+    assert not (ro / "store").exists()
+    assert out["complete"][0] == 0 and "already complete" in out["complete"][1]
+    assert out["verify"][0] == 0 and "intact" in out["verify"][1]
+    assert {p: dir_digest(p) for p in (partial, complete)} == digests
+
+
+def test_disk_full_is_one_line_and_the_build_resumes(tmp_path, clean_store, monkeypatch):
+    """Defect 5: an OSError(ENOSPC) from a chunk write was a traceback. Now one line; the finished units
+    stay, `fs verify` sees an incomplete (not damaged) split, and a rerun finishes it bit for bit."""
+    import zarr.storage._local as local
+
+    real_put = local._put
+
+    def full_disk(path, value, exclusive=False):
+        if "features/c/1" in Path(path).as_posix():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", full_disk)
+    store = tmp_path / "s"
+    one_line_error(run(*BUILD, "--store", store), "cannot write to store", "No space left on device",
+                   "free disk space, then rerun the same command")
+    monkeypatch.undo()
+    verify = run("verify", "--store", store)
+    assert verify.exit_code == 1 and "incomplete (1/3 units" in verify.stdout and "damaged:" not in verify.stdout
+    resumed = run(*BUILD, "--store", store)
+    assert "complete, 40 rows (24 computed now)" in resumed.stdout, resumed.output
+    assert_groups_identical(clean_store, store, "test-cnn", "train")
+
+
+def test_missing_or_bad_weights_of_test_backbones_are_one_line(tmp_path):
+    """Defect 5: `_load_random` called torch.load / load_state_dict unguarded: FileNotFoundError,
+    UnpicklingError and RuntimeError tracebacks."""
+    from featurestore.backbones import create_backbone
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    other = tmp_path / "vit.pt"
+    torch.save(create_backbone("test-vit").model.state_dict(), other)
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2, 3], listed)
+    store = tmp_path / "s"
+    cases = [(tmp_path / "missing.pt", "no such file"), (garbage, "could not read --weights"),
+             (other, "does not match backbone 'test-cnn'"), (listed, "not a state dict")]
+    for weights, fragment in cases:
+        one_line_error(run(*BUILD, "--store", store, "--weights", weights), fragment)
+    assert not store.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. progress in logs
+
+
+def test_build_progress_in_a_log_has_no_carriage_returns(tmp_path):
+    """Defect 7: tqdm wrote carriage-return frames into logs; now plain lines."""
+    log = tmp_path / "build.log"
+    command = [sys.executable, "-m", "cli.fs", *[a for a in BUILD if a != "--quiet"], "--store", str(tmp_path / "s")]
+    with open(log, "w") as stderr:
+        result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, timeout=240,
+                                env={**os.environ, "PROBE_DISTILL_PROGRESS_INTERVAL": "0"})
+    assert result.returncode == 0
+    text = log.read_bytes()
+    assert b"\r" not in text
+    assert b"test-cnn/train: 40/40 img (100%)" in text
