@@ -86,16 +86,19 @@ def info_command(
     ds = info["dataset"]
     console.print(f"store {info['path']}  (schema {info['schema_version']}, written by probe-distill "
                   f"{info['tool_version']}, {_human_bytes(info['size_bytes'])})")
-    limit = f", limit {ds['limit_per_class']}/class" if ds.get("limit_per_class") else ""
-    console.print(f"dataset {ds['name']}  root {ds.get('root')}{limit}  {info['num_classes']} classes")
+    console.print(f"dataset {ds['name']}  root {ds.get('root')}  {info['num_classes']} classes")
     table = Table()
-    for col in ("backbone", "split", "N", "D", "views", "dtype", "px", "complete", "skipped", "size"):
-        table.add_column(col, justify="right" if col in ("N", "D", "views", "px", "skipped", "size") else "left")
+    for col in ("backbone", "split", "N", "limit", "D", "views", "dtype", "px", "colour", "complete", "skipped",
+                "size"):
+        table.add_column(col, justify="right" if col in ("N", "limit", "D", "views", "px", "skipped", "size")
+                         else "left")
     for bb_name, bb in info["backbones"].items():
         for sp_name, sp in bb["splits"].items():
             done = "yes" if sp["complete"] else f"no ({sp['units_done']}/{sp['units_total']} units)"
-            table.add_row(bb_name, sp_name, str(sp["n"]), str(sp["dim"]), str(sp["views"]), sp["dtype"],
-                          str(bb["image_size"]), done, str(sp["num_skipped"]), _human_bytes(sp["size_bytes"]))
+            colour = {True: "grey", False: "colour"}.get(sp.get("greyscale"), "?")
+            table.add_row(bb_name, sp_name, str(sp["n"]), str(sp.get("limit_per_class") or "-"), str(sp["dim"]),
+                          str(sp["views"]), sp["dtype"], str(bb["image_size"]), colour, done, str(sp["num_skipped"]),
+                          _human_bytes(sp["size_bytes"]))
     if not info["backbones"]:
         console.print("no backbones built yet")
     else:

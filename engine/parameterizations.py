@@ -21,6 +21,10 @@ augment / centre-crop path as real images).
   mapped back through the sigmoid and the colour matrix, the coarser levels are zero. A real image
   cannot be represented by a 1x1 level, so a growing pyramid would throw the init away.
 
+Grey data (a store whose images are all grey, e.g. Fashion-MNIST): both parameterizations can hold one
+channel, decoded as sigmoid(2x) and replicated to RGB (`channels=1`), so no colour the data never has can
+appear in the synthetic images.
+
 `PixelImages`: one [n, 3, R, R] tensor in the decorrelated colour space, decoded as the authors' pixel
 parameterization (src/synsets/pixels.py): the same colour matrix, then sigmoid(2x) (not clamping:
 gradients never vanish at the borders and the values stay in [0, 1] without projection). Noise init N(0,
@@ -76,6 +80,26 @@ def _logit(images: Tensor) -> Tensor:
     return torch.logit(images.clamp(_LOGIT_EPS, 1 - _LOGIT_EPS))
 
 
+def decode(x: Tensor) -> Tensor:
+    """Parameters [n, c, H, W] -> images [n, 3, H, W] in [0, 1]: sigmoid(2 * colour(x)) for c = 3 (the
+    decorrelated colour space), sigmoid(2x) replicated to three channels for c = 1 (grey images)."""
+    if x.shape[1] == 1:
+        return torch.sigmoid(2 * x).expand(-1, 3, -1, -1)
+    return torch.sigmoid(2 * decorrelated_to_rgb(x))
+
+
+def encode(images: Tensor, channels: int) -> Tensor:
+    """The inverse of `decode` for real images [n, 3, H, W] in [0, 1] (grey: their channel mean)."""
+    if channels == 1:
+        return _logit(images.mean(dim=1, keepdim=True)) / 2
+    return rgb_to_decorrelated(_logit(images) / 2)
+
+
+def check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 3 (colour) or 1 (grey), got {channels}")
+
+
 class PyramidImages:
     """LGM's multi-scale pyramid parameterization (see the module docstring)."""
 
@@ -83,7 +107,10 @@ class PyramidImages:
 
     def __init__(self, num_classes: int, ipc: int, resolution: int, *, grow_every: int = 200,
                  init: str = "noise", real_images: Tensor | None = None, grow_init: str = "authors",
-                 generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> None:
+                 channels: int = 3, generator: torch.Generator | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        check_channels(channels)
+        self.channels = channels
         if grow_every < 1:
             raise ValueError(f"grow_every must be >= 1, got {grow_every}")
         if grow_init not in ("authors", "zero"):
@@ -106,8 +133,8 @@ class PyramidImages:
         elif init == "real":
             if real_images is None or tuple(real_images.shape) != (self.n, 3, resolution, resolution):
                 raise ValueError(f"real init needs images of shape {(self.n, 3, resolution, resolution)}")
-            levels = [torch.zeros(self.n, 3, s, s, device=self.device) for s in self.sizes]
-            levels[-1] = rgb_to_decorrelated(_logit(real_images.to(self.device, torch.float32)) / 2)
+            levels = [torch.zeros(self.n, channels, s, s, device=self.device) for s in self.sizes]
+            levels[-1] = encode(real_images.to(self.device, torch.float32), channels)
             self.levels = levels
         else:
             raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
@@ -115,7 +142,7 @@ class PyramidImages:
             level.requires_grad_(True)
 
     def _noise(self, size: int) -> Tensor:
-        return torch.randn(self.n, 3, size, size, generator=self.generator).to(self.device)
+        return torch.randn(self.n, self.channels, size, size, generator=self.generator).to(self.device)
 
     @property
     def complete(self) -> bool:
@@ -146,7 +173,7 @@ class PyramidImages:
             levels.append(self._noise(size) / new_len)
         else:
             levels = [level.detach().clone() for level in self.levels]
-            levels.append(torch.zeros(self.n, 3, size, size, device=self.device))
+            levels.append(torch.zeros(self.n, self.channels, size, size, device=self.device))
         self.levels = [level.requires_grad_(True) for level in levels]
 
     def images(self) -> Tensor:
@@ -156,7 +183,7 @@ class PyramidImages:
             up = level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear",
                                                                    align_corners=False, antialias=False)
             total = up if total is None else total + up
-        return torch.sigmoid(2 * decorrelated_to_rgb(total))
+        return decode(total)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "levels": [level.detach().cpu().clone() for level in self.levels],
@@ -167,7 +194,7 @@ class PyramidImages:
             raise ValueError(f"checkpoint holds a {state.get('kind')} parameterization, not {self.kind}")
         levels = state["levels"]
         for level, size in zip(levels, self.sizes):
-            if tuple(level.shape) != (self.n, 3, size, size):
+            if tuple(level.shape) != (self.n, self.channels, size, size):
                 raise ValueError(f"checkpoint level of shape {tuple(level.shape)} does not fit "
                                  f"{self.n} images at {self.resolution} px")
         self.levels = [level.to(self.device).clone().requires_grad_(True) for level in levels]
@@ -176,7 +203,7 @@ class PyramidImages:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "resolution": self.resolution, "levels": self.sizes,
                 "grow_every": self.grow_every, "grow_init": self.grow_init, "init": self.init,
-                "colour": "Lucid ImageNet colour correlation, column-normalized", "decode": "sigmoid(2x)"}
+                "colour": _COLOUR_TEXT[self.channels], "decode": "sigmoid(2x)"}
 
 
 class PixelImages:
@@ -185,8 +212,10 @@ class PixelImages:
     kind = "pixels"
 
     def __init__(self, num_classes: int, ipc: int, resolution: int, *, init: str = "noise",
-                 real_images: Tensor | None = None, noise_std: float = 1.0,
+                 real_images: Tensor | None = None, noise_std: float = 1.0, channels: int = 3,
                  generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> None:
+        check_channels(channels)
+        self.channels = channels
         self.num_classes = num_classes
         self.ipc = ipc
         self.n = num_classes * ipc
@@ -196,11 +225,11 @@ class PixelImages:
         self.labels = synthetic_labels(num_classes, ipc).to(self.device)
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         if init == "noise":
-            logits = noise_std * torch.randn(self.n, 3, resolution, resolution, generator=generator)
+            logits = noise_std * torch.randn(self.n, channels, resolution, resolution, generator=generator)
         elif init == "real":
             if real_images is None or tuple(real_images.shape) != (self.n, 3, resolution, resolution):
                 raise ValueError(f"real init needs images of shape {(self.n, 3, resolution, resolution)}")
-            logits = rgb_to_decorrelated(_logit(real_images.float().cpu()) / 2)
+            logits = encode(real_images.float().cpu(), channels)
         else:
             raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
         self.logits = logits.to(self.device).requires_grad_(True)
@@ -214,7 +243,7 @@ class PixelImages:
         return False
 
     def images(self) -> Tensor:
-        return torch.sigmoid(2 * decorrelated_to_rgb(self.logits))
+        return decode(self.logits)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "logits": self.logits.detach().cpu().clone()}
@@ -229,21 +258,23 @@ class PixelImages:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "resolution": self.resolution, "init": self.init,
-                "colour": "Lucid ImageNet colour correlation, column-normalized", "decode": "sigmoid(2x)"}
+                "colour": _COLOUR_TEXT[self.channels], "decode": "sigmoid(2x)"}
 
 
+_COLOUR_TEXT = {3: "RGB through Lucid's ImageNet colour correlation, column-normalized",
+                1: "grey: one channel replicated to RGB"}
 SyntheticImages = PyramidImages | PixelImages
 
 
 def make_synthetic(kind: str, num_classes: int, ipc: int, resolution: int, *, init: str = "noise",
-                   real_images: Tensor | None = None, grow_every: int = 200, generator: torch.Generator | None = None,
-                   device: str | torch.device = "cpu") -> SyntheticImages:
-    """`pyramid` (LGM, default) or `pixels`."""
+                   real_images: Tensor | None = None, grow_every: int = 200, channels: int = 3,
+                   generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> SyntheticImages:
+    """`pyramid` (LGM, default) or `pixels`; `channels` 3 (colour) or 1 (grey)."""
     if kind == "pyramid":
         return PyramidImages(num_classes, ipc, resolution, grow_every=grow_every, init=init,
-                             real_images=real_images, generator=generator, device=device)
+                             real_images=real_images, channels=channels, generator=generator, device=device)
     if kind == "pixels":
-        return PixelImages(num_classes, ipc, resolution, init=init, real_images=real_images,
+        return PixelImages(num_classes, ipc, resolution, init=init, real_images=real_images, channels=channels,
                            generator=generator, device=device)
     raise ValueError(f"parameterization must be 'pyramid' or 'pixels', got {kind!r}")
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from featurestore.augment import AugmentConfig, augment, center_crop
 from featurestore.datasets import canonical_image
+from featurestore.runtime import free_memory
 
 
 # `--real-batch auto`: the whole split every step (the exact gradient, which only a feature store can
@@ -34,6 +36,9 @@ from featurestore.datasets import canonical_image
 # two GEMMs): on 2 CPU cores ~0.1-0.2 s; on a datacenter GPU ~2 ms of its TF32 rate. Otherwise the largest
 # uniform sample within the budget (never fewer rows than the authors' ipc * augs * C).
 REAL_MACS_BUDGET = {"cpu": 1 << 32, "cuda": 1 << 41}
+# The stored features of the real side may take this fraction of the free memory (RAM, or the GPU's):
+# the rest is for the backbone, the synthetic side's graph and the optimizer.
+REAL_MEMORY_FRACTION = 0.25
 
 
 def plan_real_batch(option: int | str, num_rows: int, num_classes: int, dim: int, authors_batch: int,
@@ -88,13 +93,31 @@ class StoreRealSource:
         self.labels = labels.to(self.device, torch.int64)
         self.num_rows = int(features.shape[0])
         self.batch = batch
+        self.note: str | None = None  # set when only a sample of the split fits in memory
 
     @classmethod
     def from_split(cls, split, *, batch: int | None, augment_views: bool = True,
-                   device: str | torch.device = "cpu") -> "StoreRealSource":
-        """From a `featurestore.store.StoreSplit` (skipped samples are excluded by `load`)."""
-        data = split.load(view="all" if augment_views and split.views > 1 else 0)
-        return cls(data.features, data.labels, batch=batch, augment_views=augment_views, device=device)
+                   device: str | torch.device = "cpu", memory_budget: int | None = None) -> "StoreRealSource":
+        """From a `featurestore.store.StoreSplit` (skipped samples are excluded by `load`).
+
+        The features are held in memory on `device` (float32). A split larger than `memory_budget` bytes
+        (default: REAL_MEMORY_FRACTION of the free memory) is never loaded whole: a fixed random sample
+        of the rows that fits is (`note` says so), and steps draw their batches from it."""
+        device = torch.device(device)
+        views = split.views if augment_views and split.views > 1 else 1
+        per_row = views * split.dim * 4
+        budget = memory_budget if memory_budget is not None else int(REAL_MEMORY_FRACTION * free_memory(device))
+        rows, note = None, None
+        if split.num_valid * per_row > budget:
+            valid = np.flatnonzero(split.labels() != -1)
+            keep = max(1, budget // per_row)
+            rows = np.sort(np.random.default_rng(0).choice(valid, size=min(keep, len(valid)), replace=False))
+            note = (f"the split's {split.num_valid} rows need {split.num_valid * per_row / 2**30:.1f} GiB, over the "
+                    f"{budget / 2**30:.1f} GiB memory budget: a fixed random sample of {len(rows)} rows is used")
+        data = split.load(view="all" if views > 1 else 0, rows=rows)
+        source = cls(data.features, data.labels, batch=batch, augment_views=augment_views, device=device)
+        source.note = note
+        return source
 
     def sample(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = _draw_rows(self.num_rows, self.batch, generator)
@@ -107,7 +130,7 @@ class StoreRealSource:
 
     def describe(self) -> dict:
         return {"source": "store", "rows": self.num_rows, "views_used": self.views,
-                "batch": "full" if self.batch is None else self.batch}
+                "batch": "full" if self.batch is None else self.batch, "memory_note": self.note}
 
 
 class ImageRealSource:

@@ -265,6 +265,8 @@ class _UnitWriter:
         self.arrays = {name: group[name] for name in (
             schema.FEATURES, schema.LABELS, schema.SAMPLE_IDS, schema.UNIT_DONE, schema.UNIT_COUNT,
             schema.UNIT_SUM, schema.UNIT_SQSUM, schema.UNIT_SKIPPED)}
+        if schema.UNIT_COLOUR in group:  # stores from before colour was recorded lack it
+            self.arrays[schema.UNIT_COLOUR] = group[schema.UNIT_COLOUR]
         if self.full_cov:
             self.arrays[schema.UNIT_OUTER] = group[schema.UNIT_OUTER]
         self.unit: int | None = None
@@ -277,8 +279,11 @@ class _UnitWriter:
         self.features = np.full(shape, np.nan, dtype=np.float32)
         self.labels = np.full(rows, schema.SKIPPED_LABEL, dtype=np.int64)
         self.skipped: list[tuple[int, str]] = []
+        self.colour = False
 
-    def add(self, indices: np.ndarray, features: np.ndarray | None, failed: list[tuple[int, str]]) -> None:
+    def add(self, indices: np.ndarray, features: np.ndarray | None, failed: list[tuple[int, str]],
+            colour: bool = False) -> None:
+        self.colour |= colour
         if len(indices):
             local = indices - self.start_row
             self.features[local] = features if self.views > 1 else features[:, 0]
@@ -327,6 +332,8 @@ class _UnitWriter:
             if outer is not None:
                 a[schema.UNIT_OUTER].set_orthogonal_selection((k, present, slice(None), slice(None)), outer)
         a[schema.UNIT_SKIPPED][k] = json.dumps(sorted(self.skipped)) if self.skipped else ""
+        if schema.UNIT_COLOUR in a:
+            a[schema.UNIT_COLOUR][k] = int(self.colour)
         a[schema.UNIT_DONE][k] = 1  # the completion marker: written last
 
 
@@ -365,7 +372,9 @@ def finalize_split(group: zarr.Group, class_names: Sequence[str]) -> bool:
     skipped_rows.sort()
     ids = group[schema.SAMPLE_IDS]
     skipped = [{"sample_id": str(ids[row]), "reason": reason} for row, reason in skipped_rows]
+    greyscale = (not bool(np.asarray(group[schema.UNIT_COLOUR][:]).any())) if schema.UNIT_COLOUR in group else None
     group.attrs.update({
+        "greyscale": greyscale,  # every image grey (R = G = B); None: not recorded (an older store)
         "skipped": skipped,
         "num_skipped": len(skipped),
         "num_valid": int(attrs["num_images"]) - len(skipped),
@@ -433,7 +442,10 @@ def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, un
             if writer.unit != unit:
                 writer.start(unit)
             features = None
+            colour = False
             if images is not None:
+                centre = images[:, 0]
+                colour = bool((centre[:, 0] != centre[:, 1]).any() or (centre[:, 1] != centre[:, 2]).any())
                 # View 0 alone, then the augmented views: view 0 then matches a single-view build bit for
                 # bit (same batch shapes through the backbone).
                 parts = [backbone.embed(images[:, 0])[:, None]]
@@ -441,7 +453,7 @@ def _compute_units(backbone: Backbone, ds: ImageDataset, writer: _UnitWriter, un
                     aug = backbone.embed(images[:, 1:].flatten(0, 1))
                     parts.append(aug.view(len(indices), views - 1, -1))
                 features = torch.cat(parts, dim=1).cpu().numpy()
-            writer.add(indices, features, failed)
+            writer.add(indices, features, failed, colour)
             if b == unit_last_batch[unit]:
                 writer.finish()
             bar.update(len(indices) + len(failed))

@@ -48,6 +48,8 @@ def _split_info(sp: StoreSplit, location: StoreLocation) -> dict[str, Any]:
     attrs = sp.attrs
     return {
         "n": sp.n,
+        "limit_per_class": attrs.get("dataset", {}).get("limit_per_class"),
+        "greyscale": sp.greyscale,
         "num_valid": sp.num_valid if sp.complete else None,
         "dim": sp.dim,
         "views": sp.views,

@@ -85,6 +85,16 @@ def require_new_dir(path: str | os.PathLike, hint: str = "choose a new directory
     return path
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def require_writable(path: str | os.PathLike, error: type[UserError] = UserError) -> None:
     """Refuse (one line) a directory that could not be created or written: checked before heavy work, so
     a run into a read-only place fails in a second, not after loading a store and a backbone."""

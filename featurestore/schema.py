@@ -57,6 +57,7 @@ UNIT_SUM = "unit_sum"
 UNIT_SQSUM = "unit_sqsum"
 UNIT_OUTER = "unit_outer"
 UNIT_SKIPPED = "unit_skipped"
+UNIT_COLOUR = "unit_colour"
 
 SKIPPED_LABEL = -1
 
@@ -80,7 +81,9 @@ def samples_digest(ds: ImageDataset) -> str:
 
 
 def dataset_identity(ds: ImageDataset) -> dict[str, Any]:
-    """What a store records about its dataset (root attribute `dataset`)."""
+    """What a split records about its dataset (split attribute `dataset`): name, root, and the split's
+    own `limit_per_class` (splits of one store may differ there: 500 train images per class, the whole
+    test set)."""
     return {"name": ds.name, "root": ds.root, "limit_per_class": ds.limit_per_class}
 
 
@@ -146,6 +149,11 @@ def check_split_compatible(where: str, existing: dict[str, Any], wanted: dict[st
                 old, new = (DTYPE_FLAGS.get(str(v), v) for v in (old, new))
             raise StoreError(f"{where} was built with {flag} {old} (asked: {new}): repeat the "
                              f"original options, or use another --store")
+    old_limit = existing.get("dataset", {}).get("limit_per_class")
+    new_limit = wanted.get("dataset", {}).get("limit_per_class")
+    if "dataset" in existing and old_limit != new_limit:
+        raise StoreError(f"{where} was built with limit per class {old_limit} (--limit-per-class; asked: "
+                         f"{new_limit}): repeat the original options, or use another --store")
     if existing["num_images"] != wanted["num_images"] or existing.get("samples_digest") != wanted["samples_digest"]:
         raise StoreError(f"{where} holds {existing['num_images']} samples but the dataset now lists "
                          f"{wanted['num_images']} (or different files): the source images changed since "
@@ -178,6 +186,9 @@ def array_specs(attrs: dict[str, Any], num_classes: int) -> dict[str, dict[str, 
         UNIT_SUM: dict(shape=(u, c, d), chunks=(1, 1, d), dtype="float64", fill_value=0.0),
         UNIT_SQSUM: dict(shape=(u, c, d), chunks=(1, 1, d), dtype="float64", fill_value=0.0),
         UNIT_SKIPPED: dict(shape=(u,), chunks=(1,), dtype=str, fill_value=""),
+        # 1 when a unit held at least one colour image (R, G, B not all equal): a split of only grey images
+        # is recorded as `greyscale`, and the engine can keep its synthetic images grey too.
+        UNIT_COLOUR: dict(shape=(u,), chunks=(1,), dtype="uint8", fill_value=0),
         CLASS_COUNT: dict(shape=(c,), chunks=(c,), dtype="int64", fill_value=-1),
         CLASS_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),
         CLASS_SQ_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),
@@ -195,6 +206,7 @@ def rebuild_command(store: str, dataset: dict[str, Any], backbone: str, split_at
                     split: str | None = None, extra: str = "--repair") -> str:
     """The `fs build` command line that resumes or repairs a split of this store: the options a resumed
     build must repeat (dataset root and limit, weights, size, views, dtype, full-cov, seed), then `extra`."""
+    dataset = {**dataset, **split_attrs.get("dataset", {})}  # the split's own limit per class wins
     parts = ["fs build", str(dataset.get("name")), "--backbone", backbone, "--store", store]
     if dataset.get("root"):
         parts += ["--data-root", str(dataset["root"])]
@@ -222,30 +234,31 @@ def rebuild_command(store: str, dataset: dict[str, Any], backbone: str, split_at
 
 
 def root_attrs(ds: ImageDataset) -> dict[str, Any]:
-    """The attributes of a new store's root group."""
+    """The attributes of a new store's root group (the dataset's name and root; limits are per split)."""
     return {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
         "tool_version": tool_version(),
-        "dataset": dataset_identity(ds),
+        "dataset": {"name": ds.name, "root": ds.root},
         "class_names": list(ds.class_names),
     }
 
 
 def check_root_compatible(path: str, meta: dict[str, Any], ds: ImageDataset) -> None:
-    """Refuse (StoreError) to add a split of another dataset, root or limit to an existing store."""
+    """Refuse (StoreError) to add a split of another dataset or root to an existing store. (Each split
+    keeps its own --limit-per-class; resuming a split with another limit is refused by
+    check_split_compatible, as its samples differ.)"""
     attrs = meta["attributes"]
     stored, wanted = dict(attrs.get("dataset", {})), dataset_identity(ds)
     try:  # a store built under a dataset's former name (an alias) holds the same dataset
         stored["name"] = canonical_name(stored.get("name"))
     except Exception:  # noqa: BLE001 - an unknown name simply differs, below
         pass
-    for key, flag in (("name", "DATASET"), ("root", "--data-root"), ("limit_per_class", "--limit-per-class")):
+    for key, flag in (("name", "DATASET"), ("root", "--data-root")):
         if stored.get(key) != wanted[key]:
-            raise StoreError(f"store {path} holds dataset {stored.get('name')} (root {stored.get('root')}, "
-                             f"limit per class {stored.get('limit_per_class')}); this build is for "
-                             f"{wanted['name']} (root {wanted['root']}, limit per class "
-                             f"{wanted['limit_per_class']}): differing {flag}; use another --store")
+            raise StoreError(f"store {path} holds dataset {stored.get('name')} (root {stored.get('root')}); "
+                             f"this build is for {wanted['name']} (root {wanted['root']}): differing {flag}; "
+                             f"use another --store")
     if list(attrs.get("class_names", [])) != list(ds.class_names):
         raise StoreError(f"store {path} lists different class names than dataset {ds.name} now has: "
                          f"the class folders changed; use another --store")

@@ -277,6 +277,12 @@ class StoreSplit:
         return int(self.attrs["num_images"])
 
     @property
+    def greyscale(self) -> bool | None:
+        """True when every image of the split is grey (R = G = B); None for stores that did not record it."""
+        value = self.attrs.get("greyscale")
+        return None if value is None else bool(value)
+
+    @property
     def num_valid(self) -> int:
         return int(self.attrs.get("num_valid", self.n - len(self.skipped)))
 
@@ -412,9 +418,11 @@ class StoreSplit:
     def sample_ids(self) -> list[str]:
         return [str(s) for s in self._read(SAMPLE_IDS)]
 
-    def load(self, view: int | Literal["all"] = 0, device: str | torch.device = "cpu") -> SplitData:
+    def load(self, view: int | Literal["all"] = 0, device: str | torch.device = "cpu",
+             rows: np.ndarray | None = None) -> SplitData:
         """Features of the usable samples as float32. view=k -> [M, D]; view="all" -> [M, K, D]
-        (K=1 for a single-view store). Read chunk by chunk to keep peak memory near the output size, and
+        (K=1 for a single-view store). `rows`: only these store rows (of the usable ones), e.g. a sample
+        of a split too large for memory. Read chunk by chunk to keep peak memory near the output size, and
         checked per chunk (see the class docstring): damage raises StoreError, never a wrong result."""
         if view != "all":
             if isinstance(view, bool) or not isinstance(view, (int, np.integer)) or not 0 <= view < self.views:
@@ -423,6 +431,10 @@ class StoreSplit:
             view = int(view)
         labels = self.labels()
         keep = labels != SKIPPED_LABEL
+        if rows is not None:
+            wanted = np.zeros_like(keep)
+            wanted[np.asarray(rows, dtype=np.int64)] = True
+            keep &= wanted
         rows = np.flatnonzero(keep).astype(np.int64)
         array = self._array(FEATURES)
         multi = array.ndim == 3
@@ -601,7 +613,7 @@ class StoreSplit:
         """Reopen the source images of this split (same name/root/split/limit) for real pixels."""
         from .datasets import open_dataset
 
-        ds = self.store.attrs["dataset"]
+        ds = self.attrs.get("dataset") or self.store.attrs["dataset"]  # the split's own limit per class
         return open_dataset(ds["name"], root=ds.get("root"), split=self.split_name,
                             limit_per_class=ds.get("limit_per_class"))
 

@@ -45,8 +45,9 @@ def test_info_json_describes_the_store(built_store):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["schema_version"] == 1 and info["dataset"]["name"] == "gratings"
-    assert info["dataset"]["limit_per_class"] == 4 and info["num_classes"] == 10
+    assert info["num_classes"] == 10
     split = info["backbones"]["test-cnn"]["splits"]["train"]
+    assert split["limit_per_class"] == 4 and split["greyscale"] is False  # limits are per split
     assert (split["n"], split["dim"], split["views"], split["dtype"]) == (40, 24, 1, "float16")
     assert split["complete"] and (split["units_done"], split["units_total"]) == (3, 3)
     assert split["num_skipped"] == 0 and split["skipped"] == []

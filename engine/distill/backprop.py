@@ -33,6 +33,7 @@ from engine.distributed import all_gather_rows
 from featurestore.augment import AugmentConfig, AugmentParams, apply_each, center_crop, sample_params
 from featurestore.backbones import Backbone
 from featurestore.distributed import contiguous_share
+from featurestore.runtime import free_memory
 
 # Fraction of free memory the kept graph (or one pass's graph) may use under "auto"; the rest is headroom
 # for the backbone's weights, the backward pass' transient buffers and fragmentation.
@@ -129,15 +130,6 @@ class SyntheticSide:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             self.features(probe, plan, 0, 2)
         return max(1, saved // 2)
-
-
-def free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def resolve_copies_per_pass(chunk: int | str, side: SyntheticSide, images: Tensor,

@@ -12,6 +12,7 @@ from featurestore.errors import UserError
 from featurestore.options import option
 
 PARAMETERIZATIONS = ("pyramid", "pixels")
+COLOURS = ("auto", "rgb", "grey")
 INITS = ("noise", "real")
 REAL_SOURCES = ("store", "images")
 
@@ -47,6 +48,8 @@ class DistillConfig:
                                            "full (every row), or an integer (the authors: ipc*augs*classes).")
     param: str = option("pyramid", "Image parameterization: pyramid or pixels.")
     init: str = option("noise", "noise, or real (real images of each class).")
+    colour: str = option("auto", "Synthetic images in colour (rgb) or grey (one channel replicated); auto: grey "
+                                 "when every image of the store's split is grey.")
     grow_every: int | str = option("auto", "Pyramid: steps between added levels, or auto (full resolution at "
                                            "about 1/3 of --steps, as the authors' 200 for 5000 steps).")
     chunk: int | str = option("auto", "Augmented copies per backbone pass with a graph (bounds memory), or auto.")
@@ -100,7 +103,8 @@ class DistillConfig:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise DistillError(f"--lr must be a positive number, got {self.lr!r}")
         objective_config(self.method, self.objective)
-        for name, allowed in (("param", PARAMETERIZATIONS), ("init", INITS), ("real_source", REAL_SOURCES)):
+        for name, allowed in (("param", PARAMETERIZATIONS), ("init", INITS), ("real_source", REAL_SOURCES),
+                              ("colour", COLOURS)):
             if getattr(self, name) not in allowed:
                 raise DistillError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, "
                                    f"got {getattr(self, name)!r}")

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from engine.distill.backprop import SyntheticSide, free_memory, resolve_copies_per_pass
+from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
 from engine.distill.checkpoint import CHECKPOINT, load_checkpoint, run_identity, save_checkpoint, store_id
 from engine.distill.config import (DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_grow_every,
                                    parse_real_batch)
@@ -60,7 +60,7 @@ from engine.real import ImageRealSource, RealSource, StoreRealSource, plan_real_
 from featurestore.augment import AugmentConfig
 from featurestore.progress import progress
 from featurestore.distributed import DistContext, any_rank, contiguous_share, destroy, init_process_group_from_env
-from featurestore.runtime import (LOCK_FILE, atomic_write_json, exclusive_lock, is_locked, require_new_dir,
+from featurestore.runtime import (LOCK_FILE, atomic_write_json, exclusive_lock, free_memory, is_locked, require_new_dir,
                                   require_writable, tool_version)
 
 
@@ -323,7 +323,8 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     plans = [plan_real_batch(parse_real_batch(cfg.real_batch), split.num_valid, num_classes, split.dim,
                              cfg.ipc * cfg.augs * num_classes, device.type) for split in splits]
     grows = cfg.param == "pyramid" and cfg.init == "noise"  # only a growing pyramid has a schedule
-    resolved = {"grow_every": grow_every if grows else None,
+    grey = cfg.colour == "grey" or (cfg.colour == "auto" and all(split.greyscale for split in splits))
+    resolved = {"grow_every": grow_every if grows else None, "colour": "grey" if grey else "rgb",
                 "real_batch": ["full" if batch is None else batch for batch, _ in plans]}
     checkpoint = load_checkpoint(out, cfg, splits, resolved) if resume else None
     check_memory(cfg, num_classes, resolution, device)
@@ -344,7 +345,10 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                               side=SyntheticSide(backbone, cfg.augs, cfg.augment, AugmentConfig()),
                               real_plan=real_plan))
         if ctx.is_main and not cfg.quiet:
-            print(real_plan if len(splits) == 1 else f"{split.backbone}: {real_plan}", file=sys.stderr)
+            prefix = "" if len(splits) == 1 else f"{split.backbone}: "
+            print(prefix + real_plan, file=sys.stderr)
+            if getattr(real, "note", None):
+                print(f"{prefix}real side: {real.note}", file=sys.stderr)
     generators = make_generators(cfg.seed)
     if checkpoint is None and cfg.init == "real":
         init_images = _real_init_images(splits[0], num_classes, cfg.ipc, resolution, generators["init"])
@@ -353,7 +357,8 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     else:
         init_images = None
     synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution, init=cfg.init, real_images=init_images,
-                               grow_every=grow_every, generator=generators["init"], device=device)
+                               grow_every=grow_every, channels=1 if grey else 3, generator=generators["init"],
+                               device=device)
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
     metrics: list[dict[str, Any]] = []
     start_step = 0
