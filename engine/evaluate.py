@@ -51,6 +51,7 @@ EVAL_AUGMENT = AugmentConfig(noise_p=0.0)
 DEFAULT_VIEWS = 100
 FULL_BATCH = 128  # full-data probe: the authors' batch_size_per_gpu on one GPU (src/config/full_dataset_config.py)
 FULL_ROW = "full"
+UNSEEN_COLUMN = "mean over unseen backbones"
 # Files that mark a distill or baseline output directory (its images are in images/).
 RUN_MARKERS = ("config.json", "baseline.json", "distilled.safetensors")
 _EMBED_BATCH = 128
@@ -118,6 +119,27 @@ def resolve_image_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def set_sources(path: str | os.PathLike) -> list[str]:
+    """The backbones an image set was made with, from its run's record: a distill run's backbones, a
+    centroid/neighbors baseline's ranking backbone; none for random real images or a plain folder."""
+    import json
+
+    root = resolve_image_dir(path)
+    run = root.parent if root.name == "images" else root
+    try:
+        if (run / "config.json").is_file():
+            config = json.loads((run / "config.json").read_text())
+            if "backbones" in config:
+                return [b["name"] for b in config["backbones"]]
+            return [config["backbone"]["name"]] if "backbone" in config else []
+        if (run / "baseline.json").is_file():
+            record = json.loads((run / "baseline.json").read_text())
+            return [] if record.get("kind") == "random" else [record["backbone"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # an unreadable record: treated as unknown, every backbone unseen
+    return []
+
+
 def read_image_set(path: str | os.PathLike, class_names: Sequence[str]) -> ImageSet:
     """Read an ImageFolder set whose class folders must all be classes of the store."""
     from engine.imagefolder import read_imagefolder  # noqa: PLC0415 - engine-internal
@@ -179,6 +201,19 @@ class EvalResult:
     backbones: list[str]
     rows: dict[str, dict[str, CellResult]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    # The backbones each set was made with (distilled on, or ranked by for centroid/neighbors baselines);
+    # the others are "unseen" for it. Unknown sets (a plain folder) and random real images: none.
+    sources: dict[str, list[str]] = field(default_factory=dict)
+
+    def unseen_mean(self, row: str, metric: str = "top1") -> float | None:
+        """Mean over the evaluation backbones the set was not made with (None: no such cell)."""
+        if row == FULL_ROW or len(self.backbones) < 2:
+            return None
+        seen = set(self.sources.get(row, []))
+        cells = [cell for b, cell in self.rows.get(row, {}).items() if b not in seen]
+        if not cells:
+            return None
+        return float(np.mean([c.top1_mean if metric == "top1" else c.top5_mean for c in cells]))
 
     def cell_text(self, row: str, backbone: str, metric: str = "top1") -> str:
         cell = self.rows.get(row, {}).get(backbone)
@@ -188,9 +223,20 @@ class EvalResult:
         return f"{mean:.1f} ± {std:.1f}"
 
     def table(self, metric: str = "top1") -> tuple[list[str], list[list[str]]]:
-        """(header, rows) of the table: rows are image sets, columns backbones, cells 'mean ± std'."""
+        """(header, rows) of the table: rows are image sets, columns backbones, cells 'mean ± std'; with
+        several backbones a last column, the mean over the backbones each set was not made with."""
         header = ["set"] + self.backbones
-        return header, [[row] + [self.cell_text(row, b, metric) for b in self.backbones] for row in self.rows]
+        cross = len(self.backbones) > 1
+        if cross:
+            header.append(UNSEEN_COLUMN)
+        rows = []
+        for row in self.rows:
+            cells = [row] + [self.cell_text(row, b, metric) for b in self.backbones]
+            if cross:
+                unseen = self.unseen_mean(row, metric)
+                cells.append("-" if unseen is None else f"{unseen:.1f}")
+            rows.append(cells)
+        return header, rows
 
     def to_markdown(self) -> str:
         parts = []
@@ -204,7 +250,10 @@ class EvalResult:
         notes = [f"- store: `{cfg.get('store')}` ({cfg.get('dataset')}, {cfg.get('num_classes')} classes)",
                  f"- seeds: {cfg.get('seeds')}; probe: {cfg.get('protocol')}"]
         for name, path in cfg.get("image_sets", {}).items():
-            notes.append(f"- `{name}`: `{path}` ({cfg.get('images_per_set', {}).get(name)} images)")
+            made = ", ".join(self.sources.get(name, [])) or "no backbone (or unknown)"
+            notes.append(f"- `{name}`: `{path}` ({cfg.get('images_per_set', {}).get(name)} images; made with {made})")
+        if len(self.backbones) > 1:
+            notes.append(f"- `{UNSEEN_COLUMN}`: mean top-1 over the evaluation backbones a set was not made with")
         if cfg.get("full"):
             full = cfg["full"]
             notes.append(f"- `{FULL_ROW}`: probe on all stored train features (view 0), bs {full['batch_size']}, "
@@ -212,8 +261,9 @@ class EvalResult:
         return "# Linear-probe evaluation\n\n" + "\n\n".join(parts) + "\n\n" + "\n".join(notes) + "\n"
 
     def to_json(self) -> dict:
-        return {"backbones": self.backbones, "config": self.config,
-                "results": {row: {b: cell.to_json() for b, cell in cells.items()} for row, cells in self.rows.items()}}
+        return {"backbones": self.backbones, "config": self.config, "sources": self.sources,
+                "results": {row: {b: cell.to_json() for b, cell in cells.items()} for row, cells in self.rows.items()},
+                "mean_over_unseen_backbones": {row: self.unseen_mean(row) for row in self.rows}}
 
 
 def write_eval_outputs(result: EvalResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -356,8 +406,9 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
         "full": {"epochs": full_epochs, "batch_size": FULL_BATCH, "features": "stored train view 0"} if full else None,
         "device": str(dev),
     }
-    for name in image_sets:
+    for name, path in image_sets.items():
         result.rows[name] = {}
+        result.sources[name] = set_sources(path)
     if full:
         result.rows[FULL_ROW] = {}
 

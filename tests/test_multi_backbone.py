@@ -92,3 +92,23 @@ def test_backbones_of_other_samples_or_sizes_are_refused(tmp_path):
     with pytest.raises(DistillError, match="different image size"):
         distill(_config(store, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_table_has_the_mean_over_unseen_backbones(store, tmp_path):
+    from engine.baselines import make_baseline
+    from engine.evaluate import UNSEEN_COLUMN, evaluate
+
+    distill(_config(store, tmp_path / "cnn", backbone=["test-cnn"]))
+    make_baseline(store, "test-vit", "random", tmp_path / "random", device="cpu", quiet=True)
+    make_baseline(store, "test-vit", "centroid", tmp_path / "centroid", device="cpu", quiet=True)
+    result = evaluate(store, {"cnn": tmp_path / "cnn", "random": tmp_path / "random",
+                              "centroid": tmp_path / "centroid"}, BACKBONES, seeds=1, epochs=3, full=True,
+                      full_epochs=1, device="cpu", quiet=True)
+    assert result.sources == {"cnn": ["test-cnn"], "random": [], "centroid": ["test-vit"]}
+    header, rows = result.table()
+    assert header == ["set", *BACKBONES, UNSEEN_COLUMN]
+    by_row = {r[0]: r for r in rows}
+    assert by_row["cnn"][-1] == f"{result.rows['cnn']['test-vit'].top1_mean:.1f}"
+    assert by_row["centroid"][-1] == f"{result.rows['centroid']['test-cnn'].top1_mean:.1f}"
+    both = (result.rows["random"]["test-cnn"].top1_mean + result.rows["random"]["test-vit"].top1_mean) / 2
+    assert by_row["random"][-1] == f"{both:.1f}" and by_row["full"][-1] == "-"
