@@ -295,8 +295,9 @@ def _seed_list(seeds: int | Sequence[int]) -> list[int]:
 def _recipe_text(recipe: ProbeRecipe, views: int | None) -> str:
     bs = "min(100, N)" if recipe.batch_size is None else str(recipe.batch_size)
     aug = f"flip + random resized crop, {views} cached views per image" if views else "no augmentation"
-    return (f"Adam lr {recipe.base_lr:g}*bs/256, bs {bs}, cosine, {recipe.epochs} epochs, no weight decay; "
-            f"{aug}; test on stored val features (centre crop)")
+    init = "head N(0, 0.01^2), bias 0" if recipe.init == "normal" else "PyTorch's default uniform head init"
+    return (f"{init}; Adam lr {recipe.base_lr:g}*bs/256, bs {bs}, cosine per epoch, {recipe.epochs} epochs, no "
+            f"weight decay; {aug}; test on stored val features (centre crop)")
 
 
 @dataclass
@@ -308,6 +309,8 @@ class EvalConfig:
     views: int | None = option(None, f"Cached augmented views per image and seed (default min(epochs, {DEFAULT_VIEWS})).")
     full: bool = option(False, "Add the full-data probe on the stored train features.", flag="--full")
     full_epochs: int = option(100, "Epochs of the full-data probe.")
+    probe_init: str = option("normal", "Probe head init: normal (the authors': N(0, 0.01^2), zero bias) or "
+                                       "uniform (PyTorch's default, this tool's before 2026-11-29).")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     quiet: bool = option(False, "No progress bars.", flag="--quiet")
 
@@ -328,14 +331,15 @@ def quick_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, 
     return probes_accuracy(probes, val_features, val_labels)[0][0]
 
 
-def evaluate_full(store, backbone: str, epochs: int = EvalConfig.full_epochs, seeds: int | Sequence[int] = EvalConfig.seeds,
-                  device: str | torch.device = "auto", quiet: bool = False) -> CellResult:
+def evaluate_full(store, backbone: str, epochs: int = EvalConfig.full_epochs,
+                  seeds: int | Sequence[int] = EvalConfig.seeds, device: str | torch.device = "auto",
+                  quiet: bool = False, probe_init: str = EvalConfig.probe_init) -> CellResult:
     """The full-data probe: train on the stored train features (view 0), test on the val features."""
     store = open_store(store)
     dev = pick_device(device) if isinstance(device, str) else device
     train = store.split(backbone, "train").load(view=0, device=dev)
     val = store.split(backbone, "val").load(view=0, device=dev)
-    recipe = ProbeRecipe(epochs=epochs, batch_size=FULL_BATCH)
+    recipe = ProbeRecipe(epochs=epochs, batch_size=FULL_BATCH, init=probe_init)
     seed_list = _seed_list(seeds)
     with progress(epochs, f"full probe {backbone} ({len(seed_list)} seeds)", "epoch", disable=quiet,
                   leave=False) as bar:
@@ -385,7 +389,9 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
     if views is not None and views < 1:
         raise UserError(f"--views must be at least 1, got {views}")
     n_views = min(epochs, DEFAULT_VIEWS) if views is None else max(1, min(views, epochs))
-    recipe = ProbeRecipe(epochs=epochs)
+    if cfg.probe_init not in ("normal", "uniform"):
+        raise UserError(f"--probe-init must be normal or uniform, got {cfg.probe_init!r}")
+    recipe = ProbeRecipe(epochs=epochs, init=cfg.probe_init)
     # Validate everything before the long work: every backbone has usable train/val rows, every set reads.
     for b in backbones:
         for name in ("val", "train") if full else ("val",):
@@ -427,7 +433,7 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
             del model
         if full:
             result.rows[FULL_ROW][b] = evaluate_full(store, b, epochs=full_epochs, seeds=seed_list, device=dev,
-                                                     quiet=quiet)
+                                                     quiet=quiet, probe_init=cfg.probe_init)
     return result
 
 

@@ -80,19 +80,21 @@ def _logit(images: Tensor) -> Tensor:
     return torch.logit(images.clamp(_LOGIT_EPS, 1 - _LOGIT_EPS))
 
 
-def decode(x: Tensor) -> Tensor:
+def decode(x: Tensor, decorrelate: bool = True) -> Tensor:
     """Parameters [n, c, H, W] -> images [n, 3, H, W] in [0, 1]: sigmoid(2 * colour(x)) for c = 3 (the
-    decorrelated colour space), sigmoid(2x) replicated to three channels for c = 1 (grey images)."""
+    decorrelated colour space; plain RGB logits with decorrelate=False, the authors' decorrelate_color
+    off), sigmoid(2x) replicated to three channels for c = 1 (grey images)."""
     if x.shape[1] == 1:
         return torch.sigmoid(2 * x).expand(-1, 3, -1, -1)
-    return torch.sigmoid(2 * decorrelated_to_rgb(x))
+    return torch.sigmoid(2 * (decorrelated_to_rgb(x) if decorrelate else x))
 
 
-def encode(images: Tensor, channels: int) -> Tensor:
+def encode(images: Tensor, channels: int, decorrelate: bool = True) -> Tensor:
     """The inverse of `decode` for real images [n, 3, H, W] in [0, 1] (grey: their channel mean)."""
     if channels == 1:
         return _logit(images.mean(dim=1, keepdim=True)) / 2
-    return rgb_to_decorrelated(_logit(images) / 2)
+    logits = _logit(images) / 2
+    return rgb_to_decorrelated(logits) if decorrelate else logits
 
 
 def check_channels(channels: int) -> None:
@@ -107,10 +109,11 @@ class PyramidImages:
 
     def __init__(self, num_classes: int, ipc: int, resolution: int, *, grow_every: int = 200,
                  init: str = "noise", real_images: Tensor | None = None, grow_init: str = "authors",
-                 channels: int = 3, generator: torch.Generator | None = None,
+                 channels: int = 3, decorrelate: bool = True, generator: torch.Generator | None = None,
                  device: str | torch.device = "cpu") -> None:
         check_channels(channels)
         self.channels = channels
+        self.decorrelate = decorrelate
         if grow_every < 1:
             raise ValueError(f"grow_every must be >= 1, got {grow_every}")
         if grow_init not in ("authors", "zero"):
@@ -134,7 +137,7 @@ class PyramidImages:
             if real_images is None or tuple(real_images.shape) != (self.n, 3, resolution, resolution):
                 raise ValueError(f"real init needs images of shape {(self.n, 3, resolution, resolution)}")
             levels = [torch.zeros(self.n, channels, s, s, device=self.device) for s in self.sizes]
-            levels[-1] = encode(real_images.to(self.device, torch.float32), channels)
+            levels[-1] = encode(real_images.to(self.device, torch.float32), channels, decorrelate)
             self.levels = levels
         else:
             raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
@@ -183,7 +186,7 @@ class PyramidImages:
             up = level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear",
                                                                    align_corners=False, antialias=False)
             total = up if total is None else total + up
-        return decode(total)
+        return decode(total, self.decorrelate)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "levels": [level.detach().cpu().clone() for level in self.levels],
@@ -203,7 +206,8 @@ class PyramidImages:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "resolution": self.resolution, "levels": self.sizes,
                 "grow_every": self.grow_every, "grow_init": self.grow_init, "init": self.init,
-                "colour": _COLOUR_TEXT[self.channels], "decode": "sigmoid(2x)"}
+                "colour": _COLOUR_TEXT[self.channels] if self.decorrelate or self.channels == 1 else "RGB logits (no "
+                "colour decorrelation)", "decode": "sigmoid(2x)"}
 
 
 class PixelImages:
@@ -213,9 +217,11 @@ class PixelImages:
 
     def __init__(self, num_classes: int, ipc: int, resolution: int, *, init: str = "noise",
                  real_images: Tensor | None = None, noise_std: float = 1.0, channels: int = 3,
-                 generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> None:
+                 decorrelate: bool = True, generator: torch.Generator | None = None,
+                 device: str | torch.device = "cpu") -> None:
         check_channels(channels)
         self.channels = channels
+        self.decorrelate = decorrelate
         self.num_classes = num_classes
         self.ipc = ipc
         self.n = num_classes * ipc
@@ -229,7 +235,7 @@ class PixelImages:
         elif init == "real":
             if real_images is None or tuple(real_images.shape) != (self.n, 3, resolution, resolution):
                 raise ValueError(f"real init needs images of shape {(self.n, 3, resolution, resolution)}")
-            logits = encode(real_images.float().cpu(), channels)
+            logits = encode(real_images.float().cpu(), channels, decorrelate)
         else:
             raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
         self.logits = logits.to(self.device).requires_grad_(True)
@@ -243,7 +249,7 @@ class PixelImages:
         return False
 
     def images(self) -> Tensor:
-        return decode(self.logits)
+        return decode(self.logits, self.decorrelate)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "logits": self.logits.detach().cpu().clone()}
@@ -258,7 +264,8 @@ class PixelImages:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "resolution": self.resolution, "init": self.init,
-                "colour": _COLOUR_TEXT[self.channels], "decode": "sigmoid(2x)"}
+                "colour": _COLOUR_TEXT[self.channels] if self.decorrelate or self.channels == 1 else "RGB logits (no "
+                "colour decorrelation)", "decode": "sigmoid(2x)"}
 
 
 _COLOUR_TEXT = {3: "RGB through Lucid's ImageNet colour correlation, column-normalized",
@@ -268,14 +275,16 @@ SyntheticImages = PyramidImages | PixelImages
 
 def make_synthetic(kind: str, num_classes: int, ipc: int, resolution: int, *, init: str = "noise",
                    real_images: Tensor | None = None, grow_every: int = 200, channels: int = 3,
-                   generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> SyntheticImages:
+                   decorrelate: bool = True, generator: torch.Generator | None = None,
+                   device: str | torch.device = "cpu") -> SyntheticImages:
     """`pyramid` (LGM, default) or `pixels`; `channels` 3 (colour) or 1 (grey)."""
     if kind == "pyramid":
         return PyramidImages(num_classes, ipc, resolution, grow_every=grow_every, init=init,
-                             real_images=real_images, channels=channels, generator=generator, device=device)
+                             real_images=real_images, channels=channels, decorrelate=decorrelate,
+                             generator=generator, device=device)
     if kind == "pixels":
         return PixelImages(num_classes, ipc, resolution, init=init, real_images=real_images, channels=channels,
-                           generator=generator, device=device)
+                           decorrelate=decorrelate, generator=generator, device=device)
     raise ValueError(f"parameterization must be 'pyramid' or 'pixels', got {kind!r}")
 
 

@@ -30,6 +30,9 @@ class ProbeRecipe:
     epochs: int = 1000
     batch_size: int | None = None  # None -> min(MAX_BATCH, N)
     base_lr: float = BASE_LR  # lr = base_lr * batch_size / 256
+    # "normal": the authors' head init; "uniform": PyTorch's nn.Linear default (weights and bias), which
+    # this tool used before 2026-11-29 (kept to reproduce older tables and to measure the difference).
+    init: str = "normal"
 
     def resolved(self, n: int) -> tuple[int, float]:
         bs = min(MAX_BATCH, n) if self.batch_size is None else min(self.batch_size, n)
@@ -100,9 +103,15 @@ def train_probes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     device = features.device
     labels = labels.to(device)
     weight = torch.empty(n_seeds, num_classes, dim)
+    bias = torch.zeros(n_seeds, num_classes)
     for s, gen in enumerate(generators):
-        weight[s].normal_(0.0, HEAD_STD, generator=gen)
-    weight, bias = weight.to(device), torch.zeros(n_seeds, num_classes, device=device)
+        if recipe.init == "uniform":
+            bound = 1.0 / math.sqrt(dim)
+            weight[s].uniform_(-bound, bound, generator=gen)
+            bias[s].uniform_(-bound, bound, generator=gen)
+        else:
+            weight[s].normal_(0.0, HEAD_STD, generator=gen)
+    weight, bias = weight.to(device), bias.to(device)
     bs, lr = recipe.resolved(n)
     small = device.type == "cpu" and n_seeds * bs * dim * num_classes < _SINGLE_THREAD_MACS
     with _cpu_threads(1 if small else None):

@@ -83,3 +83,25 @@ def test_pixels_noise_init_in_range_and_differentiable():
     assert img.shape == (3, 3, 12, 12) and 0 < img.min() and img.max() < 1
     img.sum().backward()
     assert pix.parameters()[0].grad is not None and not pix.grow(1000)
+
+
+def test_grey_and_undecorrelated_decodes():
+    """Grey images: one channel, replicated, no colour matrix; --no-decorrelate: plain RGB logits."""
+    from engine.parameterizations import decode, encode
+
+    gen = torch.Generator().manual_seed(0)
+    grey = PyramidImages(2, 1, 8, grow_every=1, channels=1, generator=gen)
+    for s in range(4):
+        grey.grow(s)
+    images = grey.images()
+    assert images.shape == (2, 3, 8, 8) and torch.equal(images[:, 0], images[:, 1])
+    assert torch.equal(images[:, 1], images[:, 2])
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    torch.testing.assert_close(decode(x, decorrelate=False), torch.sigmoid(2 * x))
+    real = torch.rand(2, 3, 4, 4, generator=gen) * 0.9 + 0.05
+    for channels, decorrelate in ((3, True), (3, False)):
+        torch.testing.assert_close(decode(encode(real, channels, decorrelate), decorrelate), real, atol=1e-5, rtol=0)
+    grey_real = real.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(decode(encode(real, 1)), grey_real, atol=1e-5, rtol=0)
+    pixels = PixelImages(2, 1, 8, channels=1, generator=torch.Generator().manual_seed(1))
+    assert pixels.parameters()[0].shape == (2, 1, 8, 8)

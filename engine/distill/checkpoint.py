@@ -23,7 +23,7 @@ from featurestore.runtime import atomic_write_bytes
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
 # Options that define the optimization problem, besides the objective's own.
-RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "augs", "real_batch", "param", "init", "colour",
+RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "augs", "real_batch", "param", "init", "colour", "decorrelate",
                "grow_every", "real_source", "augment", "seed", "weights", "image_size")
 _STATE_KEYS = ("format", "step", "run", "synthetic", "optimizer", "generators", "metrics")
 

@@ -50,6 +50,8 @@ class DistillConfig:
     init: str = option("noise", "noise, or real (real images of each class).")
     colour: str = option("auto", "Synthetic images in colour (rgb) or grey (one channel replicated); auto: grey "
                                  "when every image of the store's split is grey.")
+    decorrelate: bool = option(True, "Colour images live in the decorrelated colour space (the authors' "
+                                     "decorrelate_color).", flag="--decorrelate/--no-decorrelate")
     grow_every: int | str = option("auto", "Pyramid: steps between added levels, or auto (full resolution at "
                                            "about 1/3 of --steps, as the authors' 200 for 5000 steps).")
     chunk: int | str = option("auto", "Augmented copies per backbone pass with a graph (bounds memory), or auto.")

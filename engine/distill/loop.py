@@ -357,8 +357,8 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     else:
         init_images = None
     synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution, init=cfg.init, real_images=init_images,
-                               grow_every=grow_every, channels=1 if grey else 3, generator=generators["init"],
-                               device=device)
+                               grow_every=grow_every, channels=1 if grey else 3, decorrelate=cfg.decorrelate,
+                               generator=generators["init"], device=device)
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
     metrics: list[dict[str, Any]] = []
     start_step = 0
