@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench clean-demo
+.PHONY: install test demo bench bench-quality bench-quality-quick clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Quality of distilled sets with the defaults (Fashion-MNIST; long: see the README). Cached and resumable.
+bench-quality: $(STAMP)
+	$(PY) -m benchmarks.bench_quality
+
+bench-quality-quick: $(STAMP)
+	$(PY) -m benchmarks.bench_quality --quick
 
 clean-demo:
 	rm -rf demo/work demo/report.md demo/report.html demo/assets

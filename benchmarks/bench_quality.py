@@ -1,0 +1,377 @@
+"""Benchmark: what distilled sets are worth with the defaults, at several step budgets, on the distillation
+backbone and on the others (issues 12 and 14).
+
+Fashion-MNIST (the Debian package dataset-fashion-mnist): 500 train images per class, the whole 10k test
+split, 112 px; distillation backbones efficientnet-lite0 and dinov2-vits14-imgfocus in turn, evaluation on
+both plus opennsfw-resnet50 (held out: never a distillation backbone); ipc 1, `--augs 2` (a CPU budget;
+the authors use 10), every other option at its default, from noise, 5 probe seeds.
+
+- the curve: LGM and CLP at 200 / 400 / 1000 / 2000 steps beside random, centroid, neighbors and the
+  full-data probe, with the wall time of each run;
+- ablations at 400 steps: each fix of issue 14 reverted, the rest on (efficientnet-lite0, LGM);
+- transfer (issue 12): a set distilled on both backbones at once, and the single-backbone transfer
+  ablations (no pyramid, no colour decorrelation, no augmentation, augmented real side);
+- time and peak memory of the two-backbone run against the two single-backbone runs.
+
+Every finished run, baseline and evaluation cell is cached under --work and skipped on a rerun, so the
+bench resumes after an interruption; results are written at the end (JSON + markdown + PNG), atomically.
+
+    python -m benchmarks.bench_quality --quick     # a subset, ~30 min on 2 CPU cores
+    python -m benchmarks.bench_quality             # everything (see the README for the measured time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_results  # noqa: E402
+from featurestore.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
+
+DISTILL_BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus")
+HELD_OUT = "opennsfw-resnet50"
+EVAL_BACKBONES = (*DISTILL_BACKBONES, HELD_OUT)
+SHORT = {"efficientnet-lite0": "effnet", "dinov2-vits14-imgfocus": "dinov2", HELD_OUT: "nsfw-r50"}
+IMAGE_SIZE = 112
+TRAIN_PER_CLASS = 500
+AUGS = 2
+SEEDS = 5
+STEPS = (200, 400, 1000, 2000)
+ABLATION_STEPS = 400
+TRANSFER_STEPS = 1000
+
+
+@dataclass
+class Run:
+    """One distillation: its name, its options beyond the defaults, and which curve/table it belongs to."""
+
+    name: str
+    options: dict[str, Any]
+    group: str
+    store: str = "main"
+
+
+def plan(quick: bool) -> list[Run]:
+    runs: list[Run] = []
+    steps = (200, 400) if quick else STEPS
+    backbones = DISTILL_BACKBONES[:1] if quick else DISTILL_BACKBONES
+    for backbone in backbones:
+        for method in ("lgm", "clp"):
+            for n in steps:
+                if quick and method == "clp" and n != 400:
+                    continue
+                runs.append(Run(f"{method}-{SHORT[backbone]}-{n}", {"backbone": [backbone], "method": method,
+                                                                       "steps": n}, "curve"))
+    if quick:
+        return runs
+    effnet = DISTILL_BACKBONES[0]
+    base = {"backbone": [effnet], "steps": ABLATION_STEPS}
+    runs += [
+        Run("abl-real-batch-authors", {**base, "real_batch": AUGS * 10}, "ablation"),   # ipc * augs * C
+        Run("abl-colour-rgb", {**base, "colour": "rgb"}, "ablation"),
+        Run("abl-param-pixels", {**base, "param": "pixels"}, "ablation"),
+        Run("abl-real-views4", {**base}, "ablation", store="views4"),
+        Run("both-1000", {"backbone": list(DISTILL_BACKBONES), "steps": TRANSFER_STEPS}, "transfer"),
+        Run("tr-no-pyramid", {"backbone": [effnet], "steps": TRANSFER_STEPS, "param": "pixels"}, "transfer"),
+        Run("tr-no-decorrelation", {"backbone": [effnet], "steps": TRANSFER_STEPS, "colour": "rgb",
+                                    "decorrelate": False}, "transfer"),
+        Run("tr-rgb-decorrelated", {"backbone": [effnet], "steps": TRANSFER_STEPS, "colour": "rgb"}, "transfer"),
+        Run("tr-no-augmentation", {"backbone": [effnet], "steps": TRANSFER_STEPS, "augment": False}, "transfer"),
+        Run("tr-real-augmented", {"backbone": [effnet], "steps": TRANSFER_STEPS}, "transfer", store="views4"),
+    ]
+    return runs
+
+
+class Bench:
+    def __init__(self, work: Path, data_root: str | None, device: str, quick: bool) -> None:
+        self.work = work
+        self.data_root = data_root
+        self.device = device
+        self.quick = quick
+        self.stores = {"main": work / "fs", "views4": work / "fs-views4"}
+        self.cache_path = work / "eval-cache.json"
+        self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
+        self.timings: dict[str, float] = {}
+
+    def log(self, text: str) -> None:
+        print(f"[bench_quality {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    # --- stores (built once; a rerun finds them complete)
+    def build_stores(self) -> None:
+        from featurestore.build import build
+
+        backbones = EVAL_BACKBONES if not self.quick else DISTILL_BACKBONES
+        common = dict(data_root=self.data_root, image_size=IMAGE_SIZE, device=self.device, quiet=True)
+        for backbone in backbones:
+            t = time.perf_counter()
+            build("fashion-mnist", backbone, self.stores["main"], splits=["train"], limit_per_class=TRAIN_PER_CLASS,
+                  **common)
+            build("fashion-mnist", backbone, self.stores["main"], splits=["val"], **common)
+            self.timings[f"store {backbone}"] = round(time.perf_counter() - t, 1)
+        if not self.quick:
+            t = time.perf_counter()
+            build("fashion-mnist", DISTILL_BACKBONES[0], self.stores["views4"], splits=["train"],
+                  limit_per_class=TRAIN_PER_CLASS, views=4, **common)
+            build("fashion-mnist", DISTILL_BACKBONES[0], self.stores["views4"], splits=["val"], **common)
+            self.timings["store views4"] = round(time.perf_counter() - t, 1)
+
+    # --- distillation runs and baselines (each a directory; done when its outputs exist)
+    def distill(self, run: Run) -> dict[str, Any]:
+        from engine.distill import DistillConfig, distill
+
+        out = self.work / "runs" / run.name
+        if not (out / "distilled.safetensors").is_file():
+            self.log(f"distill {run.name}: {run.options}")
+            if out.exists() and not (out / "checkpoint.pt").is_file():
+                import shutil
+
+                shutil.rmtree(out)  # a run that died before its first checkpoint: start it again
+            distill(DistillConfig(store=str(self.stores[run.store]), out=str(out), augs=AUGS, device=self.device,
+                                  quiet=True, resume=(out / "checkpoint.pt").is_file(), **run.options))
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in metrics if "loss" in m]
+        return {"path": str(out / "images"), "seconds": steps[-1]["seconds"], "final_loss": steps[-1]["loss"],
+                "peak_memory_mb": max(m["peak_memory_mb"] for m in steps),
+                "seconds_per_step": steps[-1]["seconds"] / len(steps)}
+
+    def baseline(self, kind: str, backbone: str, images: str | None = None) -> str:
+        from engine.baselines import make_baseline
+
+        out = self.work / "baselines" / f"{kind}-{SHORT[backbone]}"
+        if not (out / "baseline.json").is_file():
+            self.log(f"baseline {kind} on {backbone}")
+            make_baseline(str(self.stores["main"]), backbone, kind, out, images=images, device=self.device, quiet=True)
+        return str(out / "images")
+
+    # --- evaluation, cell by cell (cached)
+    def evaluate(self, name: str, path: str, backbone: str) -> dict[str, Any]:
+        from engine.evaluate import evaluate
+
+        key = f"{path}|{backbone}|seeds{SEEDS}"
+        if key not in self.cache:
+            self.log(f"eval {name} on {backbone}")
+            result = evaluate(str(self.stores["main"]), {name: path}, [backbone], seeds=SEEDS, device=self.device,
+                              quiet=True)
+            self.cache[key] = result.rows[name][backbone].to_json()
+            atomic_write_json(self.cache_path, self.cache)
+        return self.cache[key]
+
+    def evaluate_full(self, backbone: str) -> dict[str, Any]:
+        from engine.evaluate import evaluate_full
+
+        key = f"full|{backbone}|seeds{SEEDS}"
+        if key not in self.cache:
+            self.log(f"full-data probe on {backbone}")
+            self.cache[key] = evaluate_full(str(self.stores["main"]), backbone, seeds=SEEDS, device=self.device,
+                                            quiet=True).to_json()
+            atomic_write_json(self.cache_path, self.cache)
+        return self.cache[key]
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    return "-" if result is None else f"{result['top1_mean']:.1f} ± {result['top1_std']:.1f}"
+
+
+def _mean(result: dict[str, Any] | None) -> float | None:
+    return None if result is None else round(result["top1_mean"], 2)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    bench = Bench(args.work, args.data_root, args.device, args.quick)
+    started = time.perf_counter()
+    bench.build_stores()
+    eval_backbones = DISTILL_BACKBONES if args.quick else EVAL_BACKBONES
+    runs = plan(args.quick)
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        info = bench.distill(run)
+        row = {"set": run.name, "group": run.group, "distilled_on": "+".join(SHORT[b] for b in run.options["backbone"]),
+               "method": run.options.get("method", "lgm"), "steps": run.options["steps"],
+               "options": {k: v for k, v in run.options.items() if k not in ("backbone", "method", "steps")},
+               "store": run.store, **info}
+        for backbone in eval_backbones:
+            row[SHORT[backbone]] = bench.evaluate(run.name, info["path"], backbone)
+        rows.append(row)
+    references: list[dict[str, Any]] = []
+    for kind in ("random", "centroid"):
+        for source in (DISTILL_BACKBONES[:1] if kind == "random" else DISTILL_BACKBONES):
+            if args.quick and source != DISTILL_BACKBONES[0]:
+                continue
+            path = bench.baseline(kind, source)
+            ref = {"set": kind if kind == "random" else f"centroid ({SHORT[source]})", "made_with": SHORT[source]}
+            for backbone in eval_backbones:
+                ref[SHORT[backbone]] = bench.evaluate(ref["set"], path, backbone)
+            references.append(ref)
+    lgm_1000 = next((r for r in rows if r["set"] == f"lgm-{SHORT[DISTILL_BACKBONES[0]]}-1000"), None)
+    if lgm_1000 is not None:
+        path = bench.baseline("neighbors", DISTILL_BACKBONES[0], images=lgm_1000["path"])
+        ref = {"set": "neighbors (of lgm-effnet-1000)", "made_with": SHORT[DISTILL_BACKBONES[0]]}
+        for backbone in eval_backbones:
+            ref[SHORT[backbone]] = bench.evaluate(ref["set"], path, backbone)
+        references.append(ref)
+    full = {"set": "full data", **{SHORT[b]: bench.evaluate_full(b) for b in eval_backbones}}
+    references.append(full)
+    # The fix of the evaluation itself, reverted: the 400-step set and the baselines under the old probe init.
+    old_init = {}
+    if not args.quick:
+        from engine.evaluate import evaluate
+
+        for name, path in (("lgm-effnet-400", next(r["path"] for r in rows if r["set"] == "lgm-effnet-400")),
+                           ("centroid (effnet)", str(args.work / "baselines" / "centroid-effnet" / "images"))):
+            key = f"{path}|{DISTILL_BACKBONES[0]}|seeds{SEEDS}|uniform"
+            if key not in bench.cache:
+                result = evaluate(str(bench.stores["main"]), {name: path}, [DISTILL_BACKBONES[0]], seeds=SEEDS,
+                                  device=args.device, quiet=True, probe_init="uniform")
+                bench.cache[key] = result.rows[name][DISTILL_BACKBONES[0]].to_json()
+                atomic_write_json(bench.cache_path, bench.cache)
+            old_init[name] = bench.cache[key]
+    return {"rows": rows, "references": references, "old_probe_init": old_init,
+            "eval_backbones": [SHORT[b] for b in eval_backbones], "timings": bench.timings,
+            "wall_seconds": round(time.perf_counter() - started, 1), "quick": args.quick}
+
+
+def summarize(payload: dict[str, Any]) -> dict[str, Any]:
+    """The targets of issues 12 and 14, read off the results."""
+    refs = {r["set"]: r for r in payload["references"]}
+    rows = {r["set"]: r for r in payload["rows"]}
+    summary: dict[str, Any] = {}
+    for short in ("effnet", "dinov2"):
+        full = refs["full data"].get(short)
+        centroid = refs.get(f"centroid ({short})", {}).get(short)
+        other = "dinov2" if short == "effnet" else "effnet"
+        random_other = refs.get("random", {}).get(other)
+        for method in ("lgm", "clp"):
+            row = rows.get(f"{method}-{short}-1000")
+            if row is None or full is None:
+                continue
+            top1 = row[short]["top1_mean"]
+            summary[f"{method}-{short}-1000"] = {
+                "top1": round(top1, 2),
+                "vs centroid (target >= +5)": None if centroid is None else round(top1 - centroid["top1_mean"], 2),
+                "fraction of full (target >= 0.85)": round(top1 / full["top1_mean"], 3),
+                f"on {other} vs random (target >= +3, goal +5)": None if random_other is None or other not in row
+                else round(row[other]["top1_mean"] - random_other["top1_mean"], 2)}
+    both = rows.get("both-1000")
+    if both is not None:
+        summary["both-1000"] = {}
+        for short in ("effnet", "dinov2"):
+            single = rows.get(f"lgm-{short}-1000")
+            centroid = refs.get(f"centroid ({short})", {}).get(short)
+            summary["both-1000"][short] = {
+                "top1": round(both[short]["top1_mean"], 2),
+                "vs centroid (target >= 0)": None if centroid is None else round(both[short]["top1_mean"] - centroid["top1_mean"], 2),
+                "vs single-backbone set (target >= -3)": None if single is None else round(both[short]["top1_mean"] - single[short]["top1_mean"], 2)}
+        singles = [rows.get(f"lgm-{s}-1000") for s in ("effnet", "dinov2")]
+        if all(singles):
+            summary["both-1000"]["time vs sum of single runs"] = round(both["seconds"] / sum(s["seconds"] for s in singles), 3)
+            summary["both-1000"]["peak memory vs sum of single runs"] = round(
+                both["peak_memory_mb"] / sum(s["peak_memory_mb"] for s in singles), 3)
+            summary["both-1000"]["peak memory vs larger single run"] = round(
+                both["peak_memory_mb"] / max(s["peak_memory_mb"] for s in singles), 3)
+    return summary
+
+
+def to_markdown(payload: dict[str, Any]) -> str:
+    cols = payload["eval_backbones"]
+    text = [f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, the whole test split, {IMAGE_SIZE} px; ipc 1, "
+            f"--augs {AUGS}, every other option at its default, from noise; top-1 % (mean ± std over {SEEDS} probe "
+            f"seeds) on each evaluation backbone ({HELD_OUT} is never a distillation backbone). Wall time of the "
+            f"whole bench: {payload['wall_seconds'] / 60:.0f} min{' (--quick)' if payload['quick'] else ''}.\n"]
+    for group, title in (("curve", "Accuracy vs steps"), ("ablation", f"Ablations at {ABLATION_STEPS} steps "
+                                                                     f"(efficientnet-lite0, LGM): one fix reverted each"),
+                         ("transfer", f"Transfer at {TRANSFER_STEPS} steps")):
+        rows = [r for r in payload["rows"] if r["group"] == group]
+        if not rows:
+            continue
+        table = [{"set": r["set"], "distilled on": r["distilled_on"], "method": r["method"], "steps": r["steps"],
+                  "options": ", ".join(f"{k}={v}" for k, v in r["options"].items()) + (" (views-4 store)" if r["store"] == "views4" else ""),
+                  **{c: _cell(r.get(c)) for c in cols}, "s/step": round(r["seconds_per_step"], 3),
+                  "wall s": round(r["seconds"]), "peak MB": round(r["peak_memory_mb"])} for r in rows]
+        text.append(f"### {title}\n\n" + markdown_table(table))
+    refs = [{"set": r["set"], **{c: _cell(r.get(c)) for c in cols}} for r in payload["references"]]
+    text.append("### Real-image references\n\n" + markdown_table(refs))
+    if payload.get("old_probe_init"):
+        text.append("### The evaluation fix reverted (PyTorch's uniform probe init), on efficientnet-lite0\n\n"
+                    + markdown_table([{"set": k, "uniform init": _cell(v)} for k, v in payload["old_probe_init"].items()]))
+    text.append("### Targets\n\n```json\n" + json.dumps(payload["summary"], indent=2) + "\n```\n")
+    text.append("![accuracy vs steps](bench_quality.png)\n")
+    return "\n".join(text)
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    curve = [r for r in payload["rows"] if r["group"] == "curve"]
+    sources = sorted({r["distilled_on"] for r in curve})
+    fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4), squeeze=False)
+    refs = {r["set"]: r for r in payload["references"]}
+    for ax, source in zip(axes[0], sources):
+        for method, marker in (("lgm", "o"), ("clp", "s")):
+            points = sorted((r["steps"], r) for r in curve if r["distilled_on"] == source and r["method"] == method)
+            for evaluated, colour in zip(payload["eval_backbones"], ("tab:blue", "tab:orange", "tab:green")):
+                if points:
+                    ax.plot([s for s, _ in points], [r[evaluated]["top1_mean"] for _, r in points], marker=marker,
+                            color=colour, ls="-" if method == "lgm" else "--",
+                            label=f"{method.upper()} on {evaluated}")
+        for name, ls in (("random", ":"), (f"centroid ({source})", "-."), ("full data", "-")):
+            if name in refs and source in refs[name]:
+                ax.axhline(refs[name][source]["top1_mean"], color="grey", ls=ls, lw=1, label=f"{name} on {source}")
+        ax.set_xscale("log")
+        ax.set_xlabel("steps")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"distilled on {source} (1 image/class, --augs {AUGS})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a subset (efficientnet-lite0, 200/400 steps)")
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "quality",
+                        help="cached stores, runs and evaluations (reused by a rerun)")
+    parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    from featurestore.datasets import dataset_splits
+    from featurestore.errors import UserError
+
+    try:
+        dataset_splits("fashion-mnist", args.data_root)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    payload = run_bench(args)
+    payload["summary"] = summarize(payload)
+    name = "bench_quality_quick" if args.quick else "bench_quality"
+    plot(payload, args.out_dir / f"{name}.png")
+    markdown = to_markdown(payload).replace("bench_quality.png", f"{name}.png")
+    json_path, md_path = write_results(name, payload, markdown, args.out_dir)
+    print(f"wrote {json_path}, {md_path} and {name}.png ({payload['wall_seconds'] / 60:.0f} min; {machine_line()})")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
