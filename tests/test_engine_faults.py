@@ -122,7 +122,7 @@ def test_nan_advice_works_lr_may_change_on_resume(store, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         _nan_on_call(m, 3)
         with pytest.raises(NonFiniteLossError, match="rerun with --resume and a lower --lr") as info:
-            distill(_config(store, out, steps=8))
+            distill(_config(store, out, steps=8, lr=2e-3))
     assert "step 3" in str(info.value)
     resumed = distill(_config(store, out, steps=8, lr=1e-4, resume=True))
     assert resumed.steps_done == 8 and resumed.resumed_from == 2
@@ -385,3 +385,14 @@ def test_a_store_larger_than_the_memory_budget_is_sampled_not_loaded(store):
     picked = split.load(view=0, rows=np.sort(np.random.default_rng(0).choice(np.arange(40), 10, replace=False)))
     assert torch.equal(features, picked.features) and torch.equal(labels, picked.labels)
     assert all(int(r) in rows for r in picked.rows)
+
+
+def test_lr_auto_keeps_the_authors_total_movement():
+    from engine.distill.config import resolve_lr
+
+    assert resolve_lr("auto", 5000) == pytest.approx(2e-3)  # the authors' rate at their budget
+    assert resolve_lr("auto", 400) == pytest.approx(0.025) and resolve_lr("auto", 10) == 0.05
+    assert resolve_lr(0.1, 400) == 0.1
+    for bad in ("fast", 0, -1.0, float("inf")):
+        with pytest.raises(DistillError, match="--lr must be a positive number or 'auto'"):
+            resolve_lr(bad, 100)

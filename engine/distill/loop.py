@@ -47,7 +47,7 @@ from torch import Tensor
 from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
 from engine.distill.checkpoint import CHECKPOINT, load_checkpoint, run_identity, save_checkpoint, store_id
 from engine.distill.config import (DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_grow_every,
-                                   parse_real_batch)
+                                   parse_real_batch, resolve_lr)
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
@@ -359,14 +359,15 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution, init=cfg.init, real_images=init_images,
                                grow_every=grow_every, channels=1 if grey else 3, decorrelate=cfg.decorrelate,
                                generator=generators["init"], device=device)
-    optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
+    lr = resolve_lr(cfg.lr, cfg.steps)
+    optimizer = torch.optim.Adam(synthetic.parameters(), lr=lr)
     metrics: list[dict[str, Any]] = []
     start_step = 0
-    lr_history = [{"from_step": 0, "lr": cfg.lr}]
+    lr_history = [{"from_step": 0, "lr": lr}]
     if checkpoint is not None:
         try:
             synthetic.load_state_dict(checkpoint["synthetic"])
-            optimizer = torch.optim.Adam(synthetic.parameters(), lr=cfg.lr)
+            optimizer = torch.optim.Adam(synthetic.parameters(), lr=lr)
             optimizer.load_state_dict(checkpoint["optimizer"])
             for name, gen in generators.items():
                 gen.set_state(checkpoint["generators"][name])
@@ -378,12 +379,12 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         # A changed --lr on resume is allowed (the way out of a diverged run) and recorded.
         lr_history = list(checkpoint.get("lr_history") or [{"from_step": 0, "lr": checkpoint["optimizer"]
                                                             ["param_groups"][0]["lr"]}])
-        if lr_history[-1]["lr"] != cfg.lr:
-            lr_history.append({"from_step": start_step, "lr": cfg.lr})
+        if lr_history[-1]["lr"] != lr:
+            lr_history.append({"from_step": start_step, "lr": lr})
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr
+                group["lr"] = lr
             if ctx.is_main:
-                print(f"note: --lr {lr_history[-2]['lr']} -> {cfg.lr} from step {start_step}", file=sys.stderr)
+                print(f"note: --lr {lr_history[-2]['lr']} -> {lr} from step {start_step}", file=sys.stderr)
     copies_per_step = members[0].side.copies(synthetic.n)
     shares = [contiguous_share(copies_per_step, r, ctx.world_size) for r in range(ctx.world_size)]
     for member in members:
@@ -411,7 +412,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                       "full_resolution_from_step": (pyramid_full_step(resolution, grow_every)
                                                     if cfg.param == "pyramid" and cfg.init == "noise" else 0)},
         "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": members[0].side.augs},
-        "optimizer": {"name": "Adam", "lr": cfg.lr, "lr_history": lr_history,
+        "optimizer": {"name": "Adam", "lr": lr, "lr_option": cfg.lr, "lr_history": lr_history,
                       "reset_on_pyramid_growth": cfg.param == "pyramid"},
         "device": str(device), "amp": "bf16 autocast (backbone forward)" if device.type == "cuda" else "fp32",
         "class_names": store.class_names, "class_folders": class_folder_names(store.class_names),
@@ -444,7 +445,7 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
     synthetic, generators = run.synthetic, run.generators
     # The order of random draws: growth (init stream), real batches, augmentations, then the heads.
     if synthetic.grow(index):
-        run.optimizer = torch.optim.Adam(synthetic.parameters(), lr=run.cfg.lr)
+        run.optimizer = torch.optim.Adam(synthetic.parameters(), lr=run.lr_history[-1]["lr"])
     reals = [member.real.sample(generators["real"]) for member in run.members]
     plan = run.members[0].side.draw(synthetic.n, generators["augment"])
     run.optimizer.zero_grad(set_to_none=True)
@@ -497,10 +498,11 @@ def steps(run: Run) -> None:
                 if not math.isfinite(loss_value):
                     if run.last_saved is not None:
                         advice = (f"the last good checkpoint (step {run.last_saved}) is kept: rerun with --resume "
-                                  f"and a lower --lr (now {cfg.lr}) to continue from it with the new rate")
+                                  f"and a lower --lr (now {run.lr_history[-1]['lr']:.3g}) to continue from it with the "
+                                  f"new rate")
                     else:
                         advice = (f"no checkpoint was written yet: rerun the same command with a lower --lr "
-                                  f"(now {cfg.lr}); it starts again from step 0")
+                                  f"(now {run.lr_history[-1]['lr']:.3g}); it starts again from step 0")
                     raise NonFiniteLossError(f"the loss became {loss_value} at step {index + 1}; {advice}")
                 try:
                     with (defer_sigint() if not run.ctx.is_distributed else nullcontext()):
