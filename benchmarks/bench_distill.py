@@ -1,18 +1,22 @@
-"""Store mode versus end-to-end mode of the same distillation, side by side in one benchmark run.
+"""Store mode versus end-to-end mode of the same distillation, side by side in one benchmark run: time per
+step and peak memory.
 
 For each configuration (classes C, images per class, augmented copies) the same method, backbone,
 synthetic set and step count run in these modes:
-- `end-to-end`: real images are loaded, augmented and pushed through the backbone every step, and the
-  whole synthetic graph is kept (the authors' way: `--real-source images --chunk M`);
-- `store`: the real side comes from stored features, the synthetic graph is kept (`--chunk M`);
-- `store+chunk`: stored features and chunked back-propagation (`--chunk 16`);
-- `store+chunk+full`: as above, with the exact gradient over the whole train split every step.
+- `end-to-end`: real images are loaded, augmented and pushed through the backbone every step, the
+  authors' real batch (ipc * augs * C rows), and the whole synthetic graph is kept (the authors' way:
+  `--real-source images --real-batch ipc*augs*C --chunk M`);
+- `default`: what `engine distill` does with its defaults (stored features; `--real-batch auto`: the
+  whole split every step within the compute budget; `--chunk auto`: chunked back-propagation only when
+  the kept graph would exceed the memory budget);
+- `store+chunk`: stored features with chunked back-propagation forced (`--chunk 16`): the memory bound.
 Each measurement runs in a fresh child process (same machine, same run), so peak RSS is that mode's
-own and not the high-water mark of an earlier one. One configuration is also run long enough to
-compare the accuracy the two modes reach with the same step count.
+own and not the high-water mark of an earlier one. The rows with C = 100 / 300 / 1000 and one copy per
+image show the step time growing linearly with the number of synthetic images. Accuracy per wall-clock
+second is benchmarks/bench_time_to_accuracy.py's subject.
 
 Writes benchmarks/results/bench_distill.{json,md} and bench_distill.png.
-    python -m benchmarks.bench_distill                 # CPU default, ~15 min on 2 cores
+    python -m benchmarks.bench_distill                 # CPU default, ~20 min on 2 cores
     python -m benchmarks.bench_distill --size 224 --backbone dinov2-vitb14 --configs 100x1x10 1000x1x3
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,10 +34,9 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_results
 
 MODES = {
-    "end-to-end": {"real_source": "images", "chunk": "full-graph"},
-    "store": {"real_source": "store", "chunk": "full-graph"},
-    "store+chunk": {"real_source": "store", "chunk": 16},
-    "store+chunk+full": {"real_source": "store", "chunk": 16, "real_batch": "full"},
+    "end-to-end": {"real_source": "images", "chunk": "full-graph", "real_batch": "authors"},
+    "default": {},
+    "store+chunk": {"chunk": 16},
 }
 
 
@@ -108,12 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--backbone", default="efficientnet-lite0")
     p.add_argument("--size", type=int, default=112, help="backbone input size (px)")
-    p.add_argument("--configs", nargs="+", default=["10x1x2", "10x1x10", "40x1x10", "100x1x8"],
+    p.add_argument("--configs", nargs="+", default=["10x1x2", "10x1x10", "40x1x10", "100x1x8", "100x1x1",
+                                                     "300x1x1", "1000x1x1"],
                    help="CxIPCxAUGS configurations, e.g. 10x1x4")
     p.add_argument("--steps", type=int, default=2, help="measured steps per run (the first is warm-up)")
-    p.add_argument("--train-per-class", type=int, default=30)
-    p.add_argument("--accuracy-config", default="10x1x2")
-    p.add_argument("--accuracy-steps", type=int, default=60)
+    p.add_argument("--train-per-class", type=int, default=30, help="real images per class (at most 3000 in all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=None, help="where to keep the generated images and stores")
     args = p.parse_args(argv)
@@ -126,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_distill_"))
     print(f"bench_distill: {machine_line()}\nwork dir {work}", file=sys.stderr)
     configs = [parse_config(c) for c in args.configs]
-    acc_cfg = parse_config(args.accuracy_config)
     stores: dict[int, Path] = {}
-    for c in sorted({cfg[0] for cfg in configs} | {acc_cfg[0]}):
+    for c in sorted({cfg[0] for cfg in configs}):
         data = work / f"images-{c}"
-        make_imagefolder(data, c, {"train": args.train_per_class, "val": 10})
+        # Enough real images for the authors' batch (ipc * augs * C), within a few thousand files.
+        per_class = max(2, min(args.train_per_class, 3000 // c))
+        make_imagefolder(data, c, {"train": per_class, "val": 2})
         stores[c] = work / f"fs-{c}"
         build("imagefolder", args.backbone, stores[c], data_root=data, image_size=args.size, dtype="fp32",
               device=args.device, quiet=True)
@@ -140,44 +142,26 @@ def main(argv: list[str] | None = None) -> int:
         m = c * ipc * augs
         for mode, opts in MODES.items():
             config = {"store": str(stores[c]), "backbone": args.backbone, "out": "", "ipc": ipc, "augs": augs,
-                      "steps": args.steps, "real_source": opts["real_source"], "grow_every": 1,
-                      "chunk": m if opts["chunk"] == "full-graph" else opts["chunk"],
-                      "real_batch": opts.get("real_batch"), "device": args.device, "quiet": True,
-                      "checkpoint_every": 10_000}
+                      "steps": args.steps, "param": "pixels",  # a pyramid needs more steps than are timed here
+                      "device": args.device, "quiet": True, "checkpoint_every": 10_000}
+            if "real_source" in opts:
+                config["real_source"] = opts["real_source"]
+            if "chunk" in opts:
+                config["chunk"] = m if opts["chunk"] == "full-graph" else opts["chunk"]
+            if opts.get("real_batch") == "authors":
+                config["real_batch"] = ipc * augs * c
             print(f"  C={c} ipc={ipc} augs={augs} (M={m}) {mode} ...", file=sys.stderr, flush=True)
             res = run_child(config)
             rows.append({"C": c, "ipc": ipc, "augs": augs, "M": m, "mode": mode, **res})
             print(f"    {res}", file=sys.stderr, flush=True)
 
-    # Accuracy reached with the same number of steps, end-to-end vs store.
-    acc_rows = []
-    c, ipc, augs = acc_cfg
-    from engine.evaluate import evaluate
-
-    for mode in ("end-to-end", "store"):
-        out = work / f"acc-{mode}"
-        config = {"store": str(stores[c]), "backbone": args.backbone, "out": str(out), "ipc": ipc, "augs": augs,
-                  "steps": args.accuracy_steps, "real_source": MODES[mode]["real_source"],
-                  "grow_every": max(1, args.accuracy_steps // 8), "device": args.device, "quiet": True}
-        from engine.distill import DistillConfig, distill
-
-        if not (out / "distilled.safetensors").is_file():
-            distill(DistillConfig(**config))
-        ev = evaluate(str(stores[c]), {mode: str(out / "images")}, [args.backbone], seeds=3, epochs=300,
-                      device=args.device, quiet=True)
-        cell = ev.rows[mode][args.backbone]
-        acc_rows.append({"mode": mode, "C": c, "ipc": ipc, "augs": augs, "steps": args.accuracy_steps,
-                         "top1_mean": cell.top1_mean, "top1_std": cell.top1_std})
-
     summary = summarize(rows)
-    payload = {"backbone": args.backbone, "size": args.size, "steps": args.steps, "rows": rows,
-               "accuracy": acc_rows, "summary": summary}
+    payload = {"backbone": args.backbone, "size": args.size, "steps": args.steps, "rows": rows, "summary": summary}
     md = [f"Backbone `{args.backbone}` at {args.size} px; {args.steps} steps per run (median step time after "
           "the first); peak memory = peak RSS of a fresh child process per run (CUDA: max allocated).\n",
           markdown_table(rows, ["C", "ipc", "augs", "M", "mode", "seconds_per_step", "peak_rss_mb",
                                 "rss_at_start_mb", "final_loss"]),
-          "\n## Ratios at the largest configuration end-to-end ran\n", markdown_table([summary]),
-          "\n## Accuracy reached with the same steps\n", markdown_table(acc_rows)]
+          "\n## Summary\n", "```json\n" + json.dumps(summary, indent=2) + "\n```\n"]
     write_results("bench_distill", payload, "\n".join(md))
     plot(rows, RESULTS_DIR / "bench_distill.png")
     print("\n".join(md))
@@ -186,21 +170,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
-    e2e = [r for r in ok if r["mode"] == "end-to-end"]
-    if not e2e:
-        return {}
-    largest = max(e2e, key=lambda r: r["M"])
-    same = {r["mode"]: r for r in ok if r["M"] == largest["M"] and r["C"] == largest["C"]}
-    out = {"M": largest["M"], "C": largest["C"]}
-    for mode in ("store", "store+chunk", "store+chunk+full"):
-        if mode in same:
-            out[f"memory e2e/{mode}"] = largest["peak_rss_mb"] / same[mode]["peak_rss_mb"]
-            out[f"time e2e/{mode}"] = largest["seconds_per_step"] / same[mode]["seconds_per_step"]
+    by = {(r["C"], r["ipc"], r["augs"], r["mode"]): r for r in ok}
+    ratios = []
+    for (c, ipc, augs, mode), row in by.items():
+        if mode == "default" and (c, ipc, augs, "end-to-end") in by:
+            e2e = by[(c, ipc, augs, "end-to-end")]
+            ratios.append({"config": f"{c}x{ipc}x{augs}", "time e2e/default": e2e["seconds_per_step"] / row["seconds_per_step"],
+                           "memory e2e/default": e2e["peak_rss_mb"] / row["peak_rss_mb"]})
+    out: dict = {"per configuration": ratios}
+    if ratios:
+        out["time e2e/default (min over configurations)"] = min(r["time e2e/default"] for r in ratios)
+        out["memory e2e/default (max over configurations)"] = max(r["memory e2e/default"] for r in ratios)
     chunked = sorted((r for r in ok if r["mode"] == "store+chunk"), key=lambda r: r["M"])
     if len(chunked) >= 2:
         first, last = chunked[0], chunked[-1]
         out["store+chunk memory growth (peak, largest/smallest M)"] = last["peak_rss_mb"] / first["peak_rss_mb"]
         out["M growth"] = last["M"] / first["M"]
+    linear = sorted((r for r in ok if r["mode"] == "default" and r["ipc"] == 1 and r["augs"] == 1), key=lambda r: r["C"])
+    if len(linear) >= 2:
+        out["default s/step per synthetic image (augs 1)"] = {str(r["C"]): r["seconds_per_step"] / r["C"] for r in linear}
     return out
 
 
@@ -211,12 +199,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in MODES:
-        pts = sorted((r["M"], r["peak_rss_mb"], r["seconds_per_step"]) for r in rows
-                     if r["mode"] == mode and "error" not in r)
+    series = [(mode, lambda r, mode=mode: r["mode"] == mode and r["augs"] > 1) for mode in MODES]
+    series.append(("default, C = 100/300/1000, augs 1", lambda r: r["mode"] == "default" and r["augs"] == 1))
+    for label, keep in series:
+        pts = sorted((r["M"], r["peak_rss_mb"], r["seconds_per_step"]) for r in rows if "error" not in r and keep(r))
         if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=mode)
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
     axes[0].set(xlabel="synthetic copies per step M = C*ipc*augs", ylabel="peak memory (MB)", xscale="log")
     axes[1].set(xlabel="M", ylabel="seconds per step", xscale="log")
     ticks = sorted({r["M"] for r in rows})
