@@ -35,15 +35,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_results  # noqa: E402
+from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
+                               FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
+                               machine_line, markdown_table, write_results)
 from featurestore.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 DISTILL_BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus")
 HELD_OUT = "opennsfw-resnet50"
 EVAL_BACKBONES = (*DISTILL_BACKBONES, HELD_OUT)
 SHORT = {"efficientnet-lite0": "effnet", "dinov2-vits14-imgfocus": "dinov2", HELD_OUT: "nsfw-r50"}
-IMAGE_SIZE = 112
-TRAIN_PER_CLASS = 500
+IMAGE_SIZE = FASHION_MNIST_IMAGE_SIZE
+TRAIN_PER_CLASS = FASHION_MNIST_TRAIN_PER_CLASS
 AUGS = 2
 SEEDS = 5
 STEPS = (200, 400, 1000, 2000)
@@ -98,7 +100,7 @@ class Bench:
         self.data_root = data_root
         self.device = device
         self.quick = quick
-        self.stores = {"main": work / "fs", "views4": work / "fs-views4"}
+        self.stores = {"main": FASHION_MNIST_STORE, "views4": work / "fs-views4"}
         self.cache_path = work / "eval-cache.json"
         self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
         self.timings: dict[str, float] = {}
@@ -108,22 +110,13 @@ class Bench:
 
     # --- stores (built once; a rerun finds them complete)
     def build_stores(self) -> None:
-        from featurestore.build import build
-
         backbones = EVAL_BACKBONES if not self.quick else DISTILL_BACKBONES
-        common = dict(data_root=self.data_root, image_size=IMAGE_SIZE, device=self.device, quiet=True)
-        for backbone in backbones:
-            t = time.perf_counter()
-            build("fashion-mnist", backbone, self.stores["main"], splits=["train"], limit_per_class=TRAIN_PER_CLASS,
-                  **common)
-            build("fashion-mnist", backbone, self.stores["main"], splits=["val"], **common)
-            self.timings[f"store {backbone}"] = round(time.perf_counter() - t, 1)
+        for backbone, seconds in fashion_mnist_store(backbones, data_root=self.data_root, device=self.device).items():
+            self.timings[f"store {backbone}"] = seconds
         if not self.quick:
-            t = time.perf_counter()
-            build("fashion-mnist", DISTILL_BACKBONES[0], self.stores["views4"], splits=["train"],
-                  limit_per_class=TRAIN_PER_CLASS, views=4, **common)
-            build("fashion-mnist", DISTILL_BACKBONES[0], self.stores["views4"], splits=["val"], **common)
-            self.timings["store views4"] = round(time.perf_counter() - t, 1)
+            seconds = fashion_mnist_store(DISTILL_BACKBONES[:1], self.stores["views4"], self.data_root, self.device,
+                                          views=4)
+            self.timings["store views4"] = seconds[DISTILL_BACKBONES[0]]
 
     # --- distillation runs and baselines (each a directory; done when its outputs exist)
     def distill(self, run: Run) -> dict[str, Any]:
@@ -353,13 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    from featurestore.datasets import dataset_splits
-    from featurestore.errors import UserError
-
-    try:
-        dataset_splits("fashion-mnist", args.data_root)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    missing = fashion_mnist_missing(args.data_root)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     payload = run_bench(args)

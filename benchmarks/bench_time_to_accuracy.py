@@ -29,21 +29,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_results  # noqa: E402
+from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
+                               FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
+                               machine_line, markdown_table, write_results)
 from featurestore.runtime import atomic_write_bytes  # noqa: E402
 
 BACKBONE = "efficientnet-lite0"
-IMAGE_SIZE = 112
-TRAIN_PER_CLASS = 500
+IMAGE_SIZE = FASHION_MNIST_IMAGE_SIZE
+TRAIN_PER_CLASS = FASHION_MNIST_TRAIN_PER_CLASS
 AUGS = 2
-
-
-def build_store(store: Path, data_root: str | None, device: str) -> None:
-    from featurestore.build import build
-
-    common = dict(data_root=data_root, image_size=IMAGE_SIZE, device=device, quiet=True)
-    build("fashion-mnist", BACKBONE, store, splits=["train"], limit_per_class=TRAIN_PER_CLASS, **common)
-    build("fashion-mnist", BACKBONE, store, splits=["val"], **common)
 
 
 def run(store: Path, out: Path, mode: str, steps: int, eval_every: int, device: str) -> list[dict[str, Any]]:
@@ -99,23 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "time_to_accuracy")
-    parser.add_argument("--store", type=Path, default=None, help="an existing Fashion-MNIST store with "
-                        f"{BACKBONE} at {IMAGE_SIZE} px (default: built under --work)")
+    parser.add_argument("--store", type=Path, default=FASHION_MNIST_STORE, help="the Fashion-MNIST store (built or "
+                        "completed for the backbone if needed; shared with bench_quality)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    from featurestore.datasets import dataset_splits
-    from featurestore.errors import UserError
-
-    try:
-        dataset_splits("fashion-mnist", args.data_root)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    missing = fashion_mnist_missing(args.data_root)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
-    store = args.store or args.work / "fs"
-    if args.store is None:
-        build_store(store, args.data_root, args.device)
+    store = args.store
+    fashion_mnist_store([BACKBONE], store, args.data_root, args.device)
     curves = {}
     totals = {}
     for mode in ("end-to-end", "store"):

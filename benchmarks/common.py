@@ -74,3 +74,40 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Pa
     atomic_write_bytes(json_path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
     atomic_write_bytes(md_path, f"# {name}\n\nMachine: {machine_line(info)}\n\n{markdown}".encode())
     return json_path, md_path
+
+
+# The Fashion-MNIST store the quality benchmarks share (built once, reused by every rerun): 500 train
+# images per class, the whole 10k test split, 112 px.
+FASHION_MNIST_STORE = Path(__file__).resolve().parent / "work" / "fashion-mnist-112"
+FASHION_MNIST_TRAIN_PER_CLASS = 500
+FASHION_MNIST_IMAGE_SIZE = 112
+
+
+def fashion_mnist_missing(data_root: str | None = None) -> str | None:
+    """Why the Fashion-MNIST benchmarks cannot run here (one line), or None when they can."""
+    from featurestore.datasets import dataset_splits
+    from featurestore.errors import UserError
+
+    try:
+        dataset_splits("fashion-mnist", data_root)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def fashion_mnist_store(backbones: list[str] | tuple[str, ...], store: Path = FASHION_MNIST_STORE,
+                        data_root: str | None = None, device: str = "auto", views: int = 1) -> dict[str, float]:
+    """Build (or find complete) the benchmark store for `backbones`; seconds spent per backbone."""
+    import time
+
+    from featurestore.build import build
+
+    common = dict(data_root=data_root, image_size=FASHION_MNIST_IMAGE_SIZE, device=device, quiet=True)
+    seconds = {}
+    for backbone in backbones:
+        t = time.perf_counter()
+        build("fashion-mnist", backbone, store, splits=["train"], limit_per_class=FASHION_MNIST_TRAIN_PER_CLASS,
+              views=views, **common)
+        build("fashion-mnist", backbone, store, splits=["val"], **common)
+        seconds[backbone] = round(time.perf_counter() - t, 1)
+    return seconds

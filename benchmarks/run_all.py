@@ -20,15 +20,12 @@ NEEDS_FASHION_MNIST = {"benchmarks.bench_time_to_accuracy"}
 
 
 def main() -> int:
-    from featurestore.datasets import dataset_splits
-    from featurestore.errors import UserError
+    from benchmarks.common import fashion_mnist_missing
 
-    try:
-        dataset_splits("fashion-mnist")
-        have_fashion_mnist = True
-    except UserError as exc:
-        have_fashion_mnist = False
-        print(f"note: {exc}; the benchmarks that need it are skipped", file=sys.stderr)
+    missing = fashion_mnist_missing()
+    have_fashion_mnist = missing is None
+    if missing:
+        print(f"note: {missing}; the benchmarks that need it are skipped", file=sys.stderr)
     failed = []
     for cmd in BENCHMARKS:
         if cmd[0] in NEEDS_FASHION_MNIST and not have_fashion_mnist:
