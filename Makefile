@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench clean-demo
+.PHONY: install test demo bench bench-real-scale gpu-check clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# The real side at ImageNet scale (whole-split gradient vs N, C, D; GPU and whole-run estimates): ~10-15 min
+# on 2 CPU cores, up to ~2.7 GB of temp disk and ~6 GB of memory at a time, so not part of `make bench`.
+bench-real-scale: $(STAMP)
+	$(PY) -m benchmarks.bench_real_scale
+
+# On a CUDA machine: kernel tests and CUDA checks, kernel bench at ImageNet-1k sizes, store vs end-to-end
+# distill steps, build throughput, torchrun/NCCL smoke run -> benchmarks/results/gpu_check.{json,md}
+# (< 8 min). Without CUDA: one line, exit 2. `$(PY) -m benchmarks.gpu_check --dry-run-cpu` tests the plumbing.
+gpu-check: $(STAMP)
+	@$(PY) -m benchmarks.gpu_check
 
 clean-demo:
 	rm -rf demo/work demo/report.md demo/report.html demo/assets
