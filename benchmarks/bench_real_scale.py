@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -276,8 +277,9 @@ def run_dim(d: int, args: argparse.Namespace, work: Path, log) -> tuple[list[dic
     feats_np, labels_np = load_split(root, probe_rows, mem_dtype)   # warm-up / calibration set
     for c in args.c:
         cal = Calibration()
-        cal.measured[probe_rows] = measure_grad(torch.from_numpy(feats_np).to(torch_dtype),
-                                                torch.from_numpy(labels_np), c, 1, seed=c)
+        # feats_np may already hold more rows (loaded for an earlier C): the probe uses the first probe_rows.
+        cal.measured[probe_rows] = measure_grad(torch.from_numpy(feats_np[:probe_rows]).to(torch_dtype),
+                                                torch.from_numpy(labels_np[:probe_rows]), c, 1, seed=c)
         # The largest prefix that fits the time limit, the rows on disk and the available memory.
         avail = _available_memory()
         held = feats_np.nbytes + labels_np.nbytes
@@ -498,6 +500,10 @@ def conclusions(rows: list[dict[str, Any]], run: dict[str, Any] | None) -> list[
     return out
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=DEFAULT_N, help="rows of the split")
@@ -520,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.c, args.d, args.max_seconds = QUICK["n"], QUICK["c"], QUICK["d"], min(args.max_seconds,
                                                                                           QUICK["max_seconds"])
     _mmap_large_blocks()
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so the temp Zarr files are deleted.
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)
 
