@@ -27,8 +27,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# The real side at ImageNet scale (whole-split gradient vs N, C, D; GPU and whole-run estimates): ~10-15 min
-# on 2 CPU cores, up to ~2.7 GB of temp disk and ~6 GB of memory at a time, so not part of `make bench`.
+# The real side at ImageNet scale alone (whole-split gradient vs N, C, D; GPU and whole-run estimates; also
+# part of `make bench`): 9.5 min on 2 busy CPU cores, up to ~2.7 GB of temp disk and ~6 GB of memory at a time.
 bench-real-scale: $(STAMP)
 	$(PY) -m benchmarks.bench_real_scale
 
