@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
+<<<<<<< HEAD
 .PHONY: install test demo bench bench-quality bench-quality-quick clean-demo
+=======
+.PHONY: install test demo bench bench-real-scale gpu-check clean-demo
+>>>>>>> bench-scale
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,12 +31,25 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
+<<<<<<< HEAD
 # Quality of distilled sets with the defaults (Fashion-MNIST; long: see the README). Cached and resumable.
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.bench_quality
 
 bench-quality-quick: $(STAMP)
 	$(PY) -m benchmarks.bench_quality --quick
+=======
+# The real side at ImageNet scale alone (whole-split gradient vs N, C, D; GPU and whole-run estimates; also
+# part of `make bench`): 9.5 min on 2 busy CPU cores, up to ~2.7 GB of temp disk and ~6 GB of memory at a time.
+bench-real-scale: $(STAMP)
+	$(PY) -m benchmarks.bench_real_scale
+
+# On a CUDA machine: kernel tests and CUDA checks, kernel bench at ImageNet-1k sizes, store vs end-to-end
+# distill steps, build throughput, torchrun/NCCL smoke run -> benchmarks/results/gpu_check.{json,md}
+# (< 8 min). Without CUDA: one line, exit 2. `$(PY) -m benchmarks.gpu_check --dry-run-cpu` tests the plumbing.
+gpu-check: $(STAMP)
+	@$(PY) -m benchmarks.gpu_check
+>>>>>>> bench-scale
 
 clean-demo:
 	rm -rf demo/work demo/report.md demo/report.html demo/assets

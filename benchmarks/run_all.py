@@ -1,4 +1,5 @@
-"""`make bench`: the engine's benchmarks at CPU size (bench_quality has its own `make bench-quality`).
+"""`make bench`: the engine's benchmarks at their default size (bench_quality has its own `make bench-quality`).
+bench_real_scale needs ~2.7 GB of temp disk and ~6 GB of memory at a time.
 
 Each writes JSON + markdown (and PNG where there is a curve) to benchmarks/results/, stamped with the
 machine. On a GPU box run the modules directly with larger flags (see each module's --help).
@@ -14,6 +15,7 @@ BENCHMARKS = [
     ["benchmarks.bench_kernel"],
     ["benchmarks.bench_build", "--per-class", "100"],
     ["benchmarks.bench_distill"],
+    ["benchmarks.bench_real_scale"],
     ["benchmarks.bench_time_to_accuracy"],  # needs Fashion-MNIST (the Debian package)
 ]
 NEEDS_FASHION_MNIST = {"benchmarks.bench_time_to_accuracy"}
