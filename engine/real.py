@@ -32,9 +32,11 @@ from featurestore.runtime import free_memory
 
 
 # `--real-batch auto`: the whole split every step (the exact gradient, which only a feature store can
-# afford) when one step's real gradient costs at most this many multiply-adds (N x C x D, the larger of its
-# two GEMMs): on 2 CPU cores ~0.1-0.2 s; on a datacenter GPU ~2 ms of its TF32 rate. Otherwise the largest
-# uniform sample within the budget (never fewer rows than the authors' ipc * augs * C).
+# afford) when one step's real gradient costs at most this many multiply-adds (N x C x D per GEMM, two
+# GEMMs): on 2 CPU cores ~0.2 s (benchmarks/results/bench_real_scale.md measures ~45-55 GFLOP/s there);
+# on a datacenter GPU ~20 ms with TF32 (which distill enables on CUDA), the whole of ImageNet-1k at D = 768
+# (9.8e11). Otherwise the largest uniform sample within the budget (never fewer rows than the authors'
+# ipc * augs * C).
 REAL_MACS_BUDGET = {"cpu": 1 << 32, "cuda": 1 << 41}
 # The stored features of the real side may take this fraction of the free memory (RAM, or the GPU's):
 # the rest is for the backbone, the synthetic side's graph and the optimizer.
@@ -55,6 +57,10 @@ def plan_real_batch(option: int | str, num_rows: int, num_classes: int, dim: int
         return None, (f"real side: all {num_rows} rows every step, the exact gradient (--real-batch auto: "
                       f"{macs:.2g} multiply-adds per step, budget {budget:.2g} on {device_type})")
     batch = min(num_rows, max(authors_batch, budget // (num_classes * dim)))
+    if batch >= num_rows:  # the authors' batch alone already covers the split
+        return None, (f"real side: all {num_rows} rows every step (--real-batch auto: over the {budget:.2g} "
+                      f"multiply-add budget on {device_type}, but the authors' batch of {authors_batch} rows covers "
+                      f"the split)")
     return batch, (f"real side: {batch} of {num_rows} rows per step, sampled (--real-batch auto: the whole split "
                    f"would cost {macs:.2g} multiply-adds per step, over the {budget:.2g} budget on {device_type})")
 
