@@ -47,9 +47,11 @@ def sample_params(n: int, generator: torch.Generator, cfg: AugmentConfig = Augme
     area = lo + (hi - lo) * u[:, 0]
     log_r = math.log(cfg.crop_ratio[0]) + (math.log(cfg.crop_ratio[1]) - math.log(cfg.crop_ratio[0])) * u[:, 1]
     ratio = torch.exp(log_r)
-    # Crop width/height as fractions of the source side; the sampling grid spans [-w, w] x [-h, h].
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    # Crop width/height as fractions of the source side; the sampling grid spans [-w, w] x [-h, h]. Not
+    # clamped at 1, as the authors' RandomResizedCrop (src/augmentation/ops/random_resized_crop.py): a
+    # crop of scale ~1 and ratio 4/3 is 1.15 wide and samples zero padding beyond the image.
+    w = torch.sqrt(area * ratio)
+    h = torch.sqrt(area / ratio)
     cx = (2 * u[:, 2] - 1) * (1 - w)
     cy = (2 * u[:, 3] - 1) * (1 - h)
     flip = torch.where(u[:, 4] < cfg.flip_p, -1.0, 1.0).to(torch.float64)

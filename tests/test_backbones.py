@@ -291,7 +291,7 @@ def test_fingerprint_stable_across_loads_and_distinct_between_backbones():
     assert lite_b.fingerprint != lite_a.fingerprint
     described = lite_a.describe()
     assert described["fingerprint"] == lite_a.fingerprint and described["spec"]["name"] == "efficientnet-lite0"
-    assert described["normalization"]["name"] == "imagenet"
+    assert described["normalization"]["name"] == "tf-lite" and described["normalization"]["mean"] == [127 / 255] * 3
 
 
 def test_resolution_rules():
