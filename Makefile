@@ -5,11 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-<<<<<<< HEAD
-.PHONY: install test demo bench bench-quality bench-quality-quick clean-demo
-=======
-.PHONY: install test demo bench bench-real-scale gpu-check clean-demo
->>>>>>> bench-scale
+.PHONY: install test demo bench bench-quality bench-quality-quick bench-real-scale gpu-check clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,14 +27,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-<<<<<<< HEAD
 # Quality of distilled sets with the defaults (Fashion-MNIST; long: see the README). Cached and resumable.
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.bench_quality
 
 bench-quality-quick: $(STAMP)
 	$(PY) -m benchmarks.bench_quality --quick
-=======
+
 # The real side at ImageNet scale alone (whole-split gradient vs N, C, D; GPU and whole-run estimates; also
 # part of `make bench`): 9.5 min on 2 busy CPU cores, up to ~2.7 GB of temp disk and ~6 GB of memory at a time.
 bench-real-scale: $(STAMP)
@@ -49,7 +44,6 @@ bench-real-scale: $(STAMP)
 # (< 8 min). Without CUDA: one line, exit 2. `$(PY) -m benchmarks.gpu_check --dry-run-cpu` tests the plumbing.
 gpu-check: $(STAMP)
 	@$(PY) -m benchmarks.gpu_check
->>>>>>> bench-scale
 
 clean-demo:
 	rm -rf demo/work demo/report.md demo/report.html demo/assets
