@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_results
+from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, save_figure, write_results
 
 MODES = {
     "end-to-end": {"real_source": "images", "chunk": "full-graph", "real_batch": "authors"},
@@ -215,9 +215,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"store vs end-to-end distillation ({machine_line()})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

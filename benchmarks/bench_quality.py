@@ -38,8 +38,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
                                FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
-                               machine_line, markdown_table, write_results)
-from featurestore.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
+                               machine_line, markdown_table, save_figure, write_results)
+from featurestore.runtime import atomic_write_json  # noqa: E402
 
 DISTILL_BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus")
 HELD_OUT = "opennsfw-resnet50"
@@ -108,9 +108,11 @@ class Bench:
     # --- stores (built once; a rerun finds them complete)
     def build_stores(self) -> None:
         backbones = EVAL_BACKBONES if not self.quick else DISTILL_BACKBONES
+        self.log(f"stores: {', '.join(backbones)} (built once, found complete afterwards)")
         for backbone, seconds in fashion_mnist_store(backbones, data_root=self.data_root, device=self.device).items():
             self.timings[f"store {backbone}"] = seconds
         if not self.quick:
+            self.log(f"store with 4 views per train image: {self.stores['views4']}")
             seconds = fashion_mnist_store(DISTILL_BACKBONES[:1], self.stores["views4"], self.data_root, self.device,
                                           views=4)
             self.timings["store views4"] = seconds[DISTILL_BACKBONES[0]]
@@ -301,8 +303,6 @@ def to_markdown(payload: dict[str, Any]) -> str:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -329,11 +329,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         ax.set_title(f"distilled on {source} (1 image/class, --augs {AUGS})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

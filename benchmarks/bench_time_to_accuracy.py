@@ -19,7 +19,6 @@ store needs to reach the same accuracy (JSON `summary.time_to_accuracy_ratio`; t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -31,8 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
                                FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
-                               machine_line, markdown_table, write_results)
-from featurestore.runtime import atomic_write_bytes  # noqa: E402
+                               machine_line, markdown_table, save_figure, write_results)
 
 BACKBONE = "efficientnet-lite0"
 IMAGE_SIZE = FASHION_MNIST_IMAGE_SIZE
@@ -81,11 +79,7 @@ def plot(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     ax.set_title(f"LGM on Fashion-MNIST, {BACKBONE} {IMAGE_SIZE} px, --augs {AUGS} ({machine_line()})", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,19 @@ FASHION_MNIST_TRAIN_PER_CLASS = 500
 FASHION_MNIST_IMAGE_SIZE = 112
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a file) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def fashion_mnist_missing(data_root: str | None = None) -> str | None:
     """Why the Fashion-MNIST benchmarks cannot run here (one line), or None when they can."""
     from featurestore.datasets import dataset_splits
