@@ -15,7 +15,8 @@ the authors use 10), every other option at its default, from noise, 5 probe seed
   against the two single-backbone runs.
 
 Every finished run, baseline and evaluation cell is cached under --work and skipped on a rerun, so the
-bench resumes after an interruption; results are written at the end (JSON + markdown + PNG), atomically.
+bench resumes after an interruption; the results (JSON + markdown + PNG) are rewritten, atomically, after
+every run, and list the runs not made yet.
 
     python -m benchmarks.bench_quality --quick     # a subset (3 runs on efficientnet-lite0)
     python -m benchmarks.bench_quality             # everything (see the README for the measured time)
@@ -74,28 +75,34 @@ QUICK_CURVE = {("efficientnet-lite0", "lgm"): (200, 400), ("efficientnet-lite0",
 
 
 def plan(quick: bool) -> list[Run]:
-    runs = [Run(f"{method}-{SHORT[backbone]}-{n}", {"backbone": [backbone], "method": method, "steps": n}, "curve")
-            for (backbone, method), steps in (QUICK_CURVE if quick else CURVE).items() for n in steps]
+    """Every run, in the order the targets need them: the sets the targets are read at and the base of the
+    ablations first, then the ablations, then the rest of the curve. Results are written after every run, so
+    a bench stopped early (or given less time) leaves the most useful part measured."""
+    curve = {f"{method}-{SHORT[backbone]}-{n}": Run(f"{method}-{SHORT[backbone]}-{n}",
+                                                    {"backbone": [backbone], "method": method, "steps": n}, "curve")
+             for (backbone, method), steps in (QUICK_CURVE if quick else CURVE).items() for n in steps}
     if quick:
-        return runs
+        return list(curve.values())
     # One change each against lgm-effnet-400 (the curve's run), evaluated on every backbone: the fixes of
     # issue 14 reverted, and the choices issue 12 asks about for transfer (pyramid, colour decorrelation,
     # augmentation of either side).
     base = {"backbone": [DISTILL_BACKBONES[0]], "steps": ABLATION_STEPS}
-    runs += [
+    ablations = [
         Run("abl-real-batch-authors", {**base, "real_batch": AUGS * 10}, "ablation"),   # ipc * augs * C
+        Run("abl-param-pixels", {**base, "param": "pixels"}, "ablation"),
+        Run("abl-real-views4", {**base}, "ablation", store="views4"),
+        Run("abl-no-augmentation", {**base, "augment": False}, "ablation"),
         Run("abl-colour-rgb", {**base, "colour": "rgb"}, "ablation"),
         Run("abl-no-decorrelation", {**base, "colour": "rgb", "decorrelate": False}, "ablation"),
-        Run("abl-param-pixels", {**base, "param": "pixels"}, "ablation"),
-        Run("abl-no-augmentation", {**base, "augment": False}, "ablation"),
-        Run("abl-real-views4", {**base}, "ablation", store="views4"),
-        Run("abl-real-views10", {**base}, "ablation", store="views10"),
         # Issue 14's schedule fix reverted as far as it can be: the old fixed 200 steps per level ends a
         # 400-step run at 2 px and is refused now; 50 steps per level reaches full resolution at step 350.
         Run("abl-grow-every-50", {**base, "grow_every": 50}, "ablation"),
-        Run("both-1000", {"backbone": list(DISTILL_BACKBONES), "steps": TRANSFER_STEPS}, "transfer"),
+        Run("abl-real-views10", {**base}, "ablation", store="views10"),
     ]
-    return runs
+    first = [curve.pop(name) for name in ("lgm-effnet-400", "lgm-effnet-1000", "clp-effnet-400", "lgm-dinov2-400")]
+    transfer = Run("both-1000", {"backbone": list(DISTILL_BACKBONES), "steps": TRANSFER_STEPS}, "transfer")
+    return first + ablations[:3] + [curve.pop("lgm-effnet-200"), curve.pop("clp-effnet-1000"),
+                                    curve.pop("lgm-dinov2-1000"), transfer] + ablations[3:] + list(curve.values())
 
 
 class Bench:
@@ -118,8 +125,14 @@ class Bench:
         self.log(f"stores: {', '.join(backbones)} (built once, found complete afterwards)")
         for backbone, seconds in fashion_mnist_store(backbones, data_root=self.data_root, device=self.device).items():
             self.timings[f"store {backbone}"] = seconds
-        for views in () if self.quick else STORE_VIEWS:
-            self.build_views_store(views)
+        if not self.quick:
+            self.build_views_store(1)  # only timed: its distillation is the curve's, on the main store
+
+    def store_for(self, run: Run) -> Path:
+        """The store a run reads, a views store built (and timed) the first time a run needs it."""
+        if run.store.startswith("views"):
+            self.build_views_store(int(run.store.removeprefix("views")))
+        return self.stores[run.store]
 
     def build_views_store(self, views: int) -> None:
         """The train split with `views` stored views per image (distillation reads only train), timed: the
@@ -149,7 +162,7 @@ class Bench:
                 import shutil
 
                 shutil.rmtree(out)  # a run that died before its first checkpoint: start it again
-            distill(DistillConfig(store=str(self.stores[run.store]), out=str(out), augs=AUGS, device=self.device,
+            distill(DistillConfig(store=str(self.store_for(run)), out=str(out), augs=AUGS, device=self.device,
                                   quiet=True, resume=(out / "checkpoint.pt").is_file(), **run.options))
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steps = [m for m in metrics if "loss" in m]
@@ -199,14 +212,67 @@ def _mean(result: dict[str, Any] | None) -> float | None:
     return None if result is None else round(result["top1_mean"], 2)
 
 
+def references(bench: Bench, args: argparse.Namespace, eval_backbones: tuple[str, ...],
+               rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    refs: list[dict[str, Any]] = []
+    for kind in ("random", "centroid"):
+        for source in (DISTILL_BACKBONES[:1] if kind == "random" or args.quick else DISTILL_BACKBONES):
+            path = bench.baseline(kind, source)
+            ref = {"set": kind if kind == "random" else f"centroid ({SHORT[source]})", "made_with": SHORT[source]}
+            for backbone in eval_backbones:
+                ref[SHORT[backbone]] = bench.evaluate(ref["set"], path, backbone)
+            refs.append(ref)
+    lgm_1000 = next((r for r in rows if r["set"] == f"lgm-{SHORT[DISTILL_BACKBONES[0]]}-1000"), None)
+    if lgm_1000 is not None:
+        path = bench.baseline("neighbors", DISTILL_BACKBONES[0], images=lgm_1000["path"])
+        ref = {"set": "neighbors (of lgm-effnet-1000)", "made_with": SHORT[DISTILL_BACKBONES[0]]}
+        for backbone in eval_backbones:
+            ref[SHORT[backbone]] = bench.evaluate(ref["set"], path, backbone)
+        refs.append(ref)
+    refs.append({"set": "full data", **{SHORT[b]: bench.evaluate_full(b) for b in eval_backbones}})
+    return refs
+
+
+def old_probe_init(bench: Bench, args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fix of the evaluation itself, reverted: the 400-step set and a baseline under the old probe init."""
+    from engine.evaluate import evaluate
+
+    base = next((r for r in rows if r["set"] == f"lgm-effnet-{ABLATION_STEPS}"), None)
+    if args.quick or base is None:
+        return {}
+    result = {}
+    for name, path in ((base["set"], base["path"]),
+                       ("centroid (effnet)", str(args.work / "baselines" / "centroid-effnet" / "images"))):
+        key = f"{path}|{DISTILL_BACKBONES[0]}|seeds{SEEDS}|uniform"
+        if key not in bench.cache:
+            bench.log(f"eval {name} on {DISTILL_BACKBONES[0]} with the uniform probe init")
+            evaluated = evaluate(str(bench.stores["main"]), {name: path}, [DISTILL_BACKBONES[0]], seeds=SEEDS,
+                                 device=args.device, quiet=True, probe_init="uniform")
+            bench.cache[key] = evaluated.rows[name][DISTILL_BACKBONES[0]].to_json()
+            atomic_write_json(bench.cache_path, bench.cache)
+        result[name] = bench.cache[key]
+    return result
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Stores, references, then every run in plan order; the results are (re)written after each run."""
     bench = Bench(args.work, args.data_root, args.device, args.quick)
     started = time.perf_counter()
     bench.build_stores()
     eval_backbones = DISTILL_BACKBONES if args.quick else EVAL_BACKBONES
     runs = plan(args.quick)
     rows: list[dict[str, Any]] = []
-    for run in runs:
+    payload: dict[str, Any] = {}
+    for done in range(len(runs) + 1):
+        payload = {"rows": rows, "references": references(bench, args, eval_backbones, rows),
+                   "old_probe_init": old_probe_init(bench, args, rows),
+                   "eval_backbones": [SHORT[b] for b in eval_backbones], "timings": bench.timings,
+                   "wall_seconds": round(time.perf_counter() - started, 1), "quick": args.quick,
+                   "not_run": [run.name for run in runs[done:]]}
+        write_all(payload, args)
+        if done == len(runs):
+            break
+        run = runs[done]
         info = bench.distill(run)
         row = {"set": run.name, "group": run.group, "distilled_on": "+".join(SHORT[b] for b in run.options["backbone"]),
                "method": run.options.get("method", "lgm"), "steps": run.options["steps"],
@@ -215,42 +281,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         for backbone in eval_backbones:
             row[SHORT[backbone]] = bench.evaluate(run.name, info["path"], backbone)
         rows.append(row)
-    references: list[dict[str, Any]] = []
-    for kind in ("random", "centroid"):
-        for source in (DISTILL_BACKBONES[:1] if kind == "random" else DISTILL_BACKBONES):
-            if args.quick and source != DISTILL_BACKBONES[0]:
-                continue
-            path = bench.baseline(kind, source)
-            ref = {"set": kind if kind == "random" else f"centroid ({SHORT[source]})", "made_with": SHORT[source]}
-            for backbone in eval_backbones:
-                ref[SHORT[backbone]] = bench.evaluate(ref["set"], path, backbone)
-            references.append(ref)
-    lgm_1000 = next((r for r in rows if r["set"] == f"lgm-{SHORT[DISTILL_BACKBONES[0]]}-1000"), None)
-    if lgm_1000 is not None:
-        path = bench.baseline("neighbors", DISTILL_BACKBONES[0], images=lgm_1000["path"])
-        ref = {"set": "neighbors (of lgm-effnet-1000)", "made_with": SHORT[DISTILL_BACKBONES[0]]}
-        for backbone in eval_backbones:
-            ref[SHORT[backbone]] = bench.evaluate(ref["set"], path, backbone)
-        references.append(ref)
-    full = {"set": "full data", **{SHORT[b]: bench.evaluate_full(b) for b in eval_backbones}}
-    references.append(full)
-    # The fix of the evaluation itself, reverted: the 400-step set and the baselines under the old probe init.
-    old_init = {}
-    if not args.quick:
-        from engine.evaluate import evaluate
-
-        for name, path in (("lgm-effnet-400", next(r["path"] for r in rows if r["set"] == "lgm-effnet-400")),
-                           ("centroid (effnet)", str(args.work / "baselines" / "centroid-effnet" / "images"))):
-            key = f"{path}|{DISTILL_BACKBONES[0]}|seeds{SEEDS}|uniform"
-            if key not in bench.cache:
-                result = evaluate(str(bench.stores["main"]), {name: path}, [DISTILL_BACKBONES[0]], seeds=SEEDS,
-                                  device=args.device, quiet=True, probe_init="uniform")
-                bench.cache[key] = result.rows[name][DISTILL_BACKBONES[0]].to_json()
-                atomic_write_json(bench.cache_path, bench.cache)
-            old_init[name] = bench.cache[key]
-    return {"rows": rows, "references": references, "old_probe_init": old_init,
-            "eval_backbones": [SHORT[b] for b in eval_backbones], "timings": bench.timings,
-            "wall_seconds": round(time.perf_counter() - started, 1), "quick": args.quick}
+    return payload
 
 
 def summarize(payload: dict[str, Any]) -> dict[str, Any]:
@@ -299,7 +330,11 @@ def to_markdown(payload: dict[str, Any]) -> str:
     text = [f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, the whole test split, {IMAGE_SIZE} px; ipc 1, "
             f"--augs {AUGS}, every other option at its default, from noise; top-1 % (mean ± std over {SEEDS} probe "
             f"seeds) on each evaluation backbone ({HELD_OUT} is never a distillation backbone). Wall time of the "
-            f"whole bench: {payload['wall_seconds'] / 60:.0f} min{' (--quick)' if payload['quick'] else ''}.\n"]
+            f"last invocation (work cached by an earlier one not counted): {payload['wall_seconds'] / 60:.0f} min"
+            f"{' (--quick)' if payload['quick'] else ''}.\n"]
+    if payload.get("not_run"):
+        text.append(f"**Partial results**: not run yet (in plan order): {', '.join(payload['not_run'])}. "
+                    f"Rerun the same command to continue.\n")
     for group, title in (("curve", "Accuracy vs steps"), ("ablation", f"Ablations at {ABLATION_STEPS} steps "
                                                                      f"(efficientnet-lite0, LGM): one change each against lgm-effnet-400"),
                          ("transfer", f"Transfer at {TRANSFER_STEPS} steps")):
@@ -366,6 +401,18 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def results_name(args: argparse.Namespace) -> str:
+    return "bench_quality_quick" if args.quick else "bench_quality"
+
+
+def write_all(payload: dict[str, Any], args: argparse.Namespace) -> None:
+    """JSON + markdown + PNG of what is measured so far (each file atomically)."""
+    payload["summary"] = summarize(payload)
+    name = results_name(args)
+    plot(payload, args.out_dir / f"{name}.png")
+    write_results(name, payload, to_markdown(payload).replace("bench_quality.png", f"{name}.png"), args.out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a subset (efficientnet-lite0, 200/400 steps)")
@@ -381,14 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     payload = run_bench(args)
-    payload["summary"] = summarize(payload)
-    name = "bench_quality_quick" if args.quick else "bench_quality"
-    plot(payload, args.out_dir / f"{name}.png")
-    markdown = to_markdown(payload).replace("bench_quality.png", f"{name}.png")
-    json_path, md_path = write_results(name, payload, markdown, args.out_dir)
-    print(f"wrote {json_path}, {md_path} and {name}.png ({payload['wall_seconds'] / 60:.0f} min; {machine_line()})")
+    print(f"wrote {results_name(args)}.json/.md/.png under {args.out_dir} ({payload['wall_seconds'] / 60:.0f} min; "
+          f"{machine_line()})")
     return 0
-
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -66,8 +66,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     """Write `<name>.json` and `<name>.md` (machine stamp at the top of both), each atomically (temp file +
-    rename): a benchmark calls this once, at the end, so an interrupted or failed run leaves the committed
-    results as they were."""
+    rename), so an interrupted or failed run leaves the last written results whole."""
     info = payload.setdefault("machine", machine_info())
     json_path = out_dir / f"{name}.json"
     md_path = out_dir / f"{name}.md"
