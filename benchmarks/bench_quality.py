@@ -15,8 +15,10 @@ the authors use 10), every other option at its default, from noise, 5 probe seed
   against the two single-backbone runs.
 
 Every finished run, baseline and evaluation cell is cached under --work and skipped on a rerun, so the
-bench resumes after an interruption; the results (JSON + markdown + PNG) are rewritten, atomically, after
-every run, and list the runs not made yet.
+bench resumes after an interruption. The results (JSON + markdown + PNG) are written, atomically, when the
+bench ends (an interrupted bench leaves the committed ones as they were); progress results are rewritten
+under --work/progress after every run. `--budget-minutes M` makes only the runs that fit in M minutes
+(plan order: what the targets need first) and lists the others.
 
     python -m benchmarks.bench_quality --quick     # a subset (3 runs on efficientnet-lite0)
     python -m benchmarks.bench_quality             # everything (see the README for the measured time)
@@ -254,34 +256,66 @@ def old_probe_init(bench: Bench, args: argparse.Namespace, rows: list[dict[str, 
     return result
 
 
+# Step time of a distillation backbone set relative to efficientnet-lite0 alone (measured here: the ViT is
+# about 1.4x), to estimate a run not yet seen under --budget-minutes.
+STEP_COST = {"effnet": 1.0, "dinov2": 1.5, "effnet+dinov2": 2.5}
+
+
+def estimated_seconds(run: Run, rows: list[dict[str, Any]], eval_seconds: float) -> float | None:
+    """Seconds a run will take (distill + its evaluation), from the step times of the runs made so far."""
+    source = "+".join(SHORT[b] for b in run.options["backbone"])
+    per_step = [r["seconds_per_step"] / STEP_COST.get(r["distilled_on"], 1.0) * STEP_COST.get(source, 1.0)
+                for r in rows if r["distilled_on"] == source] or \
+               [r["seconds_per_step"] / STEP_COST.get(r["distilled_on"], 1.0) * STEP_COST.get(source, 1.0) for r in rows]
+    return None if not per_step else max(per_step) * run.options["steps"] + eval_seconds
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Stores, references, then every run in plan order; the results are (re)written after each run."""
+    """Stores, references, then the runs in plan order (with --budget-minutes: those whose estimated time
+    fits in what is left). Progress results are rewritten under --work after each run; the results in
+    --out-dir only at the end."""
     bench = Bench(args.work, args.data_root, args.device, args.quick)
     started = time.perf_counter()
     bench.build_stores()
     eval_backbones = DISTILL_BACKBONES if args.quick else EVAL_BACKBONES
     runs = plan(args.quick)
     rows: list[dict[str, Any]] = []
-    payload: dict[str, Any] = {}
-    for done in range(len(runs) + 1):
-        payload = {"rows": rows, "references": references(bench, args, eval_backbones, rows),
-                   "old_probe_init": old_probe_init(bench, args, rows),
-                   "eval_backbones": [SHORT[b] for b in eval_backbones], "timings": bench.timings,
-                   "wall_seconds": round(time.perf_counter() - started, 1), "quick": args.quick,
-                   "not_run": [run.name for run in runs[done:]]}
-        write_all(payload, args)
-        if done == len(runs):
-            break
-        run = runs[done]
+    not_run: list[str] = []
+    eval_seconds = 180.0  # until one is measured
+    for index, run in enumerate(runs):
+        payload = collect(bench, args, eval_backbones, rows, not_run + [r.name for r in runs[index:]], started)
+        write_all(payload, args, args.work / "progress")
+        if args.budget_minutes is not None:
+            left = args.budget_minutes * 60 - (time.perf_counter() - started)
+            estimate = estimated_seconds(run, rows, eval_seconds)
+            if left <= 0 or (estimate is not None and estimate > left):
+                bench.log(f"skip {run.name}: about {0 if estimate is None else estimate / 60:.0f} min, "
+                          f"{max(left, 0) / 60:.0f} min of --budget-minutes left")
+                not_run.append(run.name)
+                continue
         info = bench.distill(run)
         row = {"set": run.name, "group": run.group, "distilled_on": "+".join(SHORT[b] for b in run.options["backbone"]),
                "method": run.options.get("method", "lgm"), "steps": run.options["steps"],
                "options": {k: v for k, v in run.options.items() if k not in ("backbone", "method", "steps")},
                "store": run.store, **info}
+        eval_started = time.perf_counter()
         for backbone in eval_backbones:
             row[SHORT[backbone]] = bench.evaluate(run.name, info["path"], backbone)
+        if time.perf_counter() - eval_started > 10:  # measured, not read from the cache
+            eval_seconds = time.perf_counter() - eval_started
         rows.append(row)
+    payload = collect(bench, args, eval_backbones, rows, not_run, started)
+    write_all(payload, args, args.out_dir)
     return payload
+
+
+def collect(bench: Bench, args: argparse.Namespace, eval_backbones: tuple[str, ...], rows: list[dict[str, Any]],
+            not_run: list[str], started: float) -> dict[str, Any]:
+    return {"rows": rows, "references": references(bench, args, eval_backbones, rows),
+            "old_probe_init": old_probe_init(bench, args, rows),
+            "eval_backbones": [SHORT[b] for b in eval_backbones], "timings": bench.timings,
+            "wall_seconds": round(time.perf_counter() - started, 1), "quick": args.quick,
+            "budget_minutes": args.budget_minutes, "not_run": not_run}
 
 
 def summarize(payload: dict[str, Any]) -> dict[str, Any]:
@@ -333,8 +367,9 @@ def to_markdown(payload: dict[str, Any]) -> str:
             f"last invocation (work cached by an earlier one not counted): {payload['wall_seconds'] / 60:.0f} min"
             f"{' (--quick)' if payload['quick'] else ''}.\n"]
     if payload.get("not_run"):
-        text.append(f"**Partial results**: not run yet (in plan order): {', '.join(payload['not_run'])}. "
-                    f"Rerun the same command to continue.\n")
+        budget = payload.get("budget_minutes")
+        text.append(f"**Not every run of the plan was made**{f' (--budget-minutes {budget})' if budget else ''}: "
+                    f"{', '.join(payload['not_run'])}. A rerun reuses everything made and continues.\n")
     for group, title in (("curve", "Accuracy vs steps"), ("ablation", f"Ablations at {ABLATION_STEPS} steps "
                                                                      f"(efficientnet-lite0, LGM): one change each against lgm-effnet-400"),
                          ("transfer", f"Transfer at {TRANSFER_STEPS} steps")):
@@ -405,12 +440,13 @@ def results_name(args: argparse.Namespace) -> str:
     return "bench_quality_quick" if args.quick else "bench_quality"
 
 
-def write_all(payload: dict[str, Any], args: argparse.Namespace) -> None:
+def write_all(payload: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> None:
     """JSON + markdown + PNG of what is measured so far (each file atomically)."""
     payload["summary"] = summarize(payload)
     name = results_name(args)
-    plot(payload, args.out_dir / f"{name}.png")
-    write_results(name, payload, to_markdown(payload).replace("bench_quality.png", f"{name}.png"), args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(payload, out_dir / f"{name}.png")
+    write_results(name, payload, to_markdown(payload).replace("bench_quality.png", f"{name}.png"), out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cached stores, runs and evaluations (reused by a rerun)")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="start a run only while its estimated time fits in what is left of this budget; "
+                             "the results list the runs not made (a rerun continues them)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     missing = fashion_mnist_missing(args.data_root)
