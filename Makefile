@@ -31,7 +31,7 @@ bench: $(STAMP)
 # the targets need them; cached, so each rerun continues with the next runs (BUDGET=0: the whole plan).
 BUDGET ?= 90
 bench-quality: $(STAMP)
-	$(PY) -m benchmarks.bench_quality $(if $(filter 0,$(BUDGET)),,--budget-minutes $(BUDGET))
+	$(PY) -m benchmarks.bench_quality $(if $(filter-out 0,$(BUDGET)),--budget-minutes $(BUDGET))
 
 bench-quality-quick: $(STAMP)
 	$(PY) -m benchmarks.bench_quality --quick

@@ -106,8 +106,9 @@ def plan(quick: bool) -> list[Run]:
     # enough to come early), and at the budget the targets are read at.
     both = [Run(f"both-{n}", {"backbone": list(DISTILL_BACKBONES), "steps": n}, "transfer")
             for n in (ABLATION_STEPS, TRANSFER_STEPS)]
-    return first + both[:1] + ablations[:3] + [curve.pop("lgm-effnet-200"), curve.pop("clp-effnet-1000"),
-                                               curve.pop("lgm-dinov2-1000"), both[1]] + ablations[3:] + list(curve.values())
+    at_1000 = [curve.pop(f"{m}-{b}-1000") for m, b in (("clp", "effnet"), ("lgm", "dinov2"), ("clp", "dinov2"))]
+    return (first + both[:1] + ablations[:3] + [curve.pop("clp-dinov2-400"), curve.pop("lgm-effnet-200")] + at_1000
+            + both[1:] + ablations[3:] + list(curve.values()))
 
 
 class Bench:
@@ -148,7 +149,12 @@ class Bench:
         key = f"build seconds|train|views{views}"
         if key not in self.cache:
             self.log(f"store of the train split with {views} view(s) per image: {store}")
-            existed = (store / backbone / "train").exists()
+            split = store / backbone / "train"
+            if split.exists() and not _complete(split):
+                import shutil
+
+                shutil.rmtree(store)  # a build cut short: start it again, so the whole build is timed
+            existed = split.exists()
             started = time.perf_counter()
             build("fashion-mnist", backbone, store, splits=["train"], limit_per_class=TRAIN_PER_CLASS, views=views,
                   data_root=self.data_root, image_size=IMAGE_SIZE, device=self.device, quiet=True)
@@ -156,19 +162,37 @@ class Bench:
             atomic_write_json(self.cache_path, self.cache)
         self.timings[f"build train split, {views} view(s) (s)"] = self.cache[key]
 
-    # --- distillation runs and baselines (each a directory; done when its outputs exist)
-    def distill(self, run: Run) -> dict[str, Any]:
-        from engine.distill import DistillConfig, distill
+    def view_timings(self) -> None:
+        for views in () if self.quick else STORE_VIEWS:
+            self.timings[f"build train split, {views} view(s) (s)"] = self.cache.get(f"build seconds|train|views{views}")
 
-        out = self.work / "runs" / run.name
-        if not (out / "distilled.safetensors").is_file():
+    # --- distillation runs and baselines (each a directory; done when its outputs exist)
+    def run_dir(self, run: Run) -> Path:
+        return self.work / "runs" / run.name
+
+    def done(self, run: Run) -> bool:
+        return (self.run_dir(run) / "distilled.safetensors").is_file()
+
+    def distill(self, run: Run) -> dict[str, Any]:
+        """One distillation in a child process, so its peak memory is its own (not the bench's high-water
+        mark) and a failing run is reported without ending the bench (RuntimeError with its last line)."""
+        import subprocess
+
+        out = self.run_dir(run)
+        if not self.done(run):
             self.log(f"distill {run.name}: {run.options}")
             if out.exists() and not (out / "checkpoint.pt").is_file():
                 import shutil
 
                 shutil.rmtree(out)  # a run that died before its first checkpoint: start it again
-            distill(DistillConfig(store=str(self.store_for(run)), out=str(out), augs=AUGS, device=self.device,
-                                  quiet=True, resume=(out / "checkpoint.pt").is_file(), **run.options))
+            config = {"store": str(self.store_for(run)), "out": str(out), "augs": AUGS, "device": self.device,
+                      "quiet": True, "resume": (out / "checkpoint.pt").is_file(), **run.options}
+            child = subprocess.run([sys.executable, "-c", "import json, sys\nfrom engine.distill import "
+                                    "DistillConfig, distill\ndistill(DistillConfig(**json.loads(sys.argv[1])))",
+                                    json.dumps(config)], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+            if child.returncode != 0:
+                lines = (child.stderr or child.stdout).strip().splitlines()
+                raise RuntimeError(f"exit {child.returncode}: {lines[-1] if lines else 'no output'}")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steps = [m for m in metrics if "loss" in m]
         return {"path": str(out / "images"), "seconds": steps[-1]["seconds"], "final_loss": steps[-1]["loss"],
@@ -207,6 +231,14 @@ class Bench:
                                             quiet=True).to_json()
             atomic_write_json(self.cache_path, self.cache)
         return self.cache[key]
+
+
+def _complete(split: Path) -> bool:
+    """Whether a store split's build finished (its group attributes say so)."""
+    try:
+        return bool(json.loads((split / "zarr.json").read_text()).get("attributes", {}).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def _cell(result: dict[str, Any] | None) -> str:
@@ -260,17 +292,23 @@ def old_probe_init(bench: Bench, args: argparse.Namespace, rows: list[dict[str, 
 
 
 # Step time of a distillation backbone set relative to efficientnet-lite0 alone (measured here: the ViT is
-# about 1.4x), to estimate a run not yet seen under --budget-minutes.
+# 1.4-1.7x), to estimate a run not yet seen under --budget-minutes.
 STEP_COST = {"effnet": 1.0, "dinov2": 1.5, "effnet+dinov2": 2.5}
 
 
-def estimated_seconds(run: Run, rows: list[dict[str, Any]], eval_seconds: float) -> float | None:
-    """Seconds a run will take (distill + its evaluation), from the step times of the runs made so far."""
+def estimated_seconds(bench: Bench, run: Run, rows: list[dict[str, Any]], eval_seconds: float) -> float | None:
+    """Seconds a run will take (its views store if not built, distill, its evaluation), from the step times of
+    the runs made so far; 0 for a run already made."""
+    if bench.done(run):
+        return 0.0
+    build = 0.0
+    if run.store.startswith("views") and f"build seconds|train|{run.store}" not in bench.cache:
+        build = int(run.store.removeprefix("views")) * (bench.cache.get("build seconds|train|views1") or 120.0)
     source = "+".join(SHORT[b] for b in run.options["backbone"])
     per_step = [r["seconds_per_step"] / STEP_COST.get(r["distilled_on"], 1.0) * STEP_COST.get(source, 1.0)
                 for r in rows if r["distilled_on"] == source] or \
                [r["seconds_per_step"] / STEP_COST.get(r["distilled_on"], 1.0) * STEP_COST.get(source, 1.0) for r in rows]
-    return None if not per_step else max(per_step) * run.options["steps"] + eval_seconds
+    return None if not per_step else build + max(per_step) * run.options["steps"] + eval_seconds
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,19 +322,25 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     runs = plan(args.quick)
     rows: list[dict[str, Any]] = []
     not_run: list[str] = []
+    failed: dict[str, str] = {}
     eval_seconds = 180.0  # until one is measured
     for index, run in enumerate(runs):
-        payload = collect(bench, args, eval_backbones, rows, not_run + [r.name for r in runs[index:]], started)
+        payload = collect(bench, args, eval_backbones, rows, not_run + [r.name for r in runs[index:]], failed, started)
         write_all(payload, args, args.work / "progress")
         if args.budget_minutes is not None:
             left = args.budget_minutes * 60 - (time.perf_counter() - started)
-            estimate = estimated_seconds(run, rows, eval_seconds)
+            estimate = estimated_seconds(bench, run, rows, eval_seconds)
             if left <= 0 or (estimate is not None and estimate > left):
                 bench.log(f"skip {run.name}: about {0 if estimate is None else estimate / 60:.0f} min, "
                           f"{max(left, 0) / 60:.0f} min of --budget-minutes left")
                 not_run.append(run.name)
                 continue
-        info = bench.distill(run)
+        try:
+            info = bench.distill(run)
+        except RuntimeError as err:
+            bench.log(f"{run.name} FAILED: {err}")
+            failed[run.name] = str(err)
+            continue
         row = {"set": run.name, "group": run.group, "distilled_on": "+".join(SHORT[b] for b in run.options["backbone"]),
                "method": run.options.get("method", "lgm"), "steps": run.options["steps"],
                "options": {k: v for k, v in run.options.items() if k not in ("backbone", "method", "steps")},
@@ -307,18 +351,26 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if time.perf_counter() - eval_started > 10:  # measured, not read from the cache
             eval_seconds = time.perf_counter() - eval_started
         rows.append(row)
-    payload = collect(bench, args, eval_backbones, rows, not_run, started)
-    write_all(payload, args, args.out_dir)
+    payload = collect(bench, args, eval_backbones, rows, not_run, failed, started)
+    write_all(payload, args, args.work / "progress")
+    committed = args.out_dir / f"{results_name(args)}.json"
+    held = len(json.loads(committed.read_text()).get("rows", [])) if committed.is_file() else 0
+    if (not_run or failed) and held > len(rows):
+        bench.log(f"{committed} holds {held} runs, this bench {len(rows)}: left as it is; these results are in "
+                  f"{args.work / 'progress'} (a rerun continues the runs not made)")
+    else:
+        write_all(payload, args, args.out_dir)
     return payload
 
 
 def collect(bench: Bench, args: argparse.Namespace, eval_backbones: tuple[str, ...], rows: list[dict[str, Any]],
-            not_run: list[str], started: float) -> dict[str, Any]:
+            not_run: list[str], failed: dict[str, str], started: float) -> dict[str, Any]:
+    bench.view_timings()
     return {"rows": rows, "references": references(bench, args, eval_backbones, rows),
             "old_probe_init": old_probe_init(bench, args, rows),
             "eval_backbones": [SHORT[b] for b in eval_backbones], "timings": bench.timings,
             "wall_seconds": round(time.perf_counter() - started, 1), "quick": args.quick,
-            "budget_minutes": args.budget_minutes, "not_run": not_run}
+            "budget_minutes": args.budget_minutes, "not_run": not_run, "failed": failed}
 
 
 def summarize(payload: dict[str, Any]) -> dict[str, Any]:
@@ -375,8 +427,11 @@ def to_markdown(payload: dict[str, Any]) -> str:
         budget = payload.get("budget_minutes")
         text.append(f"**Not every run of the plan was made**{f' (--budget-minutes {budget})' if budget else ''}: "
                     f"{', '.join(payload['not_run'])}. A rerun reuses everything made and continues.\n")
+    if payload.get("failed"):
+        text.append("**Failed runs**: " + "; ".join(f"{k}: {v}" for k, v in payload["failed"].items()) + "\n")
     for group, title in (("curve", "Accuracy vs steps"), ("ablation", f"Ablations at {ABLATION_STEPS} steps "
-                                                                     f"(efficientnet-lite0, LGM): one change each against lgm-effnet-400"),
+                                                                     f"(efficientnet-lite0, LGM): one change each against lgm-effnet-400 (abl-no-decorrelation "
+                                                                     f"is rgb too: read it against abl-colour-rgb; grey images have no colour to decorrelate)"),
                          ("transfer", "Distilled on both backbones at once")):
         rows = [r for r in payload["rows"] if r["group"] == group]
         if not rows:
@@ -386,10 +441,10 @@ def to_markdown(payload: dict[str, Any]) -> str:
         table = [{"set": r["set"], "distilled on": r["distilled_on"], "method": r["method"], "steps": r["steps"],
                   "options": ", ".join(f"{k}={v}" for k, v in r["options"].items()) + (f" ({r['store']} store)" if r["store"] != "main" else ""),
                   **{c: _cell(r.get(c)) for c in cols}, "s/step": round(r["seconds_per_step"], 3),
-                  "wall s": round(r["seconds"]), "peak MB": round(r["peak_memory_mb"])} for r in rows]
+                  "distill s": round(r["seconds"]), "peak MB": round(r["peak_memory_mb"])} for r in rows]
         text.append(f"### {title}\n\n" + markdown_table(table))
     views_rows = []
-    for views in STORE_VIEWS:
+    for views in () if payload["quick"] else STORE_VIEWS:
         name = f"lgm-effnet-{ABLATION_STEPS}" if views == 1 else f"abl-real-views{views}"
         row = next((r for r in payload["rows"] if r["set"] == name), None)
         if row is not None:
@@ -418,7 +473,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curve = [r for r in payload["rows"] if r["group"] == "curve"]
-    sources = sorted({r["distilled_on"] for r in curve})
+    sources = sorted({r["distilled_on"] for r in curve}) or ["effnet"]  # no run yet: the references alone
     fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4), squeeze=False)
     refs = {r["set"]: r for r in payload["references"]}
     for ax, source in zip(axes[0], sources):
