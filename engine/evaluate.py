@@ -4,7 +4,7 @@ For an image set and an evaluation backbone:
 1. The images (ImageFolder layout, class folders mapped to the store's classes) are resized to the
    backbone's `resize_size`, the size real canonical images have, so one set serves every backbone
    (cross-backbone transfer) whatever resolution it was distilled at.
-2. A fresh linear probe (D -> C with bias, PyTorch's default uniform init, drawn from the seed) is
+2. A fresh linear probe (D -> C with bias; weights N(0, 0.01^2), bias 0, as the authors; drawn from the seed) is
    trained with flip + random-resized-crop augmentation through the frozen backbone. The backbone is
    frozen, so the features of augmented views are cached: `views` (default min(epochs, 100)) augmented
    views of every image are drawn with `augment` (no pixel noise: evaluation uses flip + RRC only) and
@@ -14,7 +14,7 @@ For an image set and an evaluation backbone:
    with 100 views a pool per seed would add little but cost 5x the backbone passes. The 1000 epochs
    are then tiny matrix products, all seeds trained side by side.
    Optimizer, as the authors: Adam, lr = 1e-3 * bs / 256 with bs = min(100, N), cosine decay to 0 over
-   all steps (per step), no weight decay, `epochs` = 1000.
+   epochs (stepped per epoch, as the authors), no weight decay, `epochs` = 1000.
 3. Test on the store's `val` features (view 0 = the centre crop of the canonical image): no test
    image passes through a backbone. The evaluation backbone is rebuilt with the store's image size and
    weights and checked against the store's fingerprint, so train and test features come from one model.
@@ -22,8 +22,8 @@ For an image set and an evaluation backbone:
    (population std, numpy's default).
 
 The full-data probe (`evaluate_full`) is the upper bound: the same probe recipe trained on the stored
-train features (view 0, no augmentation, never touching images), `epochs` = 100 and bs = 256 (so
-lr = 1e-3), as the authors' full-dataset row.
+train features (view 0, no augmentation, never touching images), `epochs` = 100 and bs = 128 (so
+lr = 5e-4), as the authors' full-dataset row (src/config/full_dataset_config.py:12).
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ class BackboneSpec:
     normalization: str = "imagenet"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # The model's own resize interpolation, recorded in stores for reference only: every store resizes real
+    # images with PIL bicubic (featurestore/datasets/decode.py, canonical_image), whatever this says. Part of
+    # the fingerprint, so changing a value makes stores built with it refused.
     interpolation: str = "bicubic"
     patch_size: int | None = None
     aliases: tuple[str, ...] = field(default=())

@@ -138,8 +138,10 @@ def canonical_image(image: Image.Image, resize_size: int) -> torch.Tensor:
     Shorter side resized to R with bicubic antialiased interpolation, then the centre R x R crop.
     Implemented with torchvision.transforms.v2.functional on the PIL image, which dispatches to PIL's
     resize (bicubic with an antialiasing support window) and rounds to uint8 before scaling to [0, 1]:
-    byte-for-byte the `Resize(R, BICUBIC) + CenterCrop(R) + ToTensor()` eval transform that DINOv2,
-    timm and the LGM code apply to PIL images, so stored features match those pipelines.
+    byte-for-byte the `Resize(R, BICUBIC) + CenterCrop(R) + ToTensor()` eval transform that DINOv2 and
+    timm's ViTs apply to PIL images. The LGM authors' `transforms.Resize(256)` is torchvision's default,
+    bilinear (src/data/dataloaders/imagenet_susbset.py:160), and open_nsfw was trained with bilinear
+    resizes: for those, stored images differ slightly from theirs (the README's differences table).
     """
     if resize_size <= 0:
         raise ValueError(f"resize_size must be positive, got {resize_size}")
