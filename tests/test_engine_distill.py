@@ -190,6 +190,21 @@ def test_short_run_lowers_the_loss(store, tmp_path):
     assert last < 0.6 * first, (first, last)
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (peak RSS reset)")
+def test_peak_memory_is_the_runs_own(store, tmp_path):
+    # A process that held 1.5 GB before the run (a notebook, a benchmark, the demo's earlier runs): the
+    # run's recorded peak is its own, far below the process's high-water mark.
+    held = torch.ones(1536 * 2**20, dtype=torch.uint8)
+    held.add_(1)
+    import resource
+
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, with the 1.5 GB held
+    del held
+    distill(_config(store, tmp_path / "run", param="pixels", steps=2))
+    peaks = [json.loads(x)["peak_memory_mb"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert process_peak - max(peaks) > 700, (process_peak, peaks)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input
 

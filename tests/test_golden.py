@@ -1,7 +1,8 @@
 """The whole pipeline on a tiny store reproduces the committed outputs (tests/golden/pipeline.npz):
 store features, LGM/CLP distilled images and losses, evaluation accuracies, baseline picks.
 
-Bit-identical on the machine kind the golden file was made on (same torch, same CPU capability); on a
+Bit-identical on the machine kind the golden file was made on (same torch, same CPU capability; the
+pipeline runs on one thread, so the core count does not matter); on a
 CPU with other vector instructions the BLAS kernels may round differently, so there the arrays are
 compared with a tight tolerance instead (and the test says which comparison it made)."""
 

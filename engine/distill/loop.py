@@ -477,8 +477,7 @@ def steps(run: Run) -> None:
     elapsed_before = float(run.metrics[-1]["seconds"]) if run.metrics else 0.0
     run_start = time.perf_counter()
     index = run.start_step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     bar = progress(cfg.steps, f"distill {cfg.method}", "step", disable=cfg.quiet or not run.main,
                    initial=run.start_step)
     # A single process takes Ctrl-C and SIGTERM as KeyboardInterrupt (held only around the update); ranks
@@ -565,9 +564,33 @@ def _save_on_stop(run: Run, index: int) -> None:
     raise DistillInterrupted(index, saved, run.out)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory count at this run, so a run's peak is its own even when the process made
+    other runs before (a notebook, a benchmark, the demo). On a CPU under Linux, writing 5 to
+    /proc/self/clear_refs resets the process's RSS high-water mark (VmHWM); where that is not allowed the
+    peak stays the process's (said in `_peak_memory_mb`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since `_reset_peak_memory`: CUDA max allocated, or on a CPU the RSS high-water mark
+    (VmHWM; ru_maxrss, the process's peak since it started, where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 

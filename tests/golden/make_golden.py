@@ -19,7 +19,17 @@ GOLDEN = Path(__file__).with_name("pipeline.npz")
 
 
 def pipeline_outputs(work: Path) -> dict[str, np.ndarray]:
-    """Every output of a tiny run, as numpy arrays (deterministic for a fixed machine)."""
+    """Every output of a tiny run, as numpy arrays (deterministic for a fixed machine). One intra-op
+    thread: CPU kernels split reductions by thread count, so the bits would depend on the core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pipeline_outputs(work)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pipeline_outputs(work: Path) -> dict[str, np.ndarray]:
     from engine.baselines import make_baseline
     from engine.distill import DistillConfig, distill
     from engine.evaluate import evaluate
