@@ -101,7 +101,14 @@ def run_child(config: dict) -> dict:
         done = subprocess.run([sys.executable, "-m", "benchmarks.bench_distill", "--child",
                                json.dumps({"config": config})], capture_output=True, text=True)
         if done.returncode != 0:
-            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+            if done.stderr.strip():
+                return {"error": done.stderr.strip().splitlines()[-1]}
+            if done.returncode < 0:  # killed by a signal, nothing printed: SIGKILL is usually the OOM killer
+                import signal
+
+                name = signal.Signals(-done.returncode).name
+                return {"error": f"killed by {name}" + (" (most likely out of memory)" if name == "SIGKILL" else "")}
+            return {"error": f"exit {done.returncode}, no output"}
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
