@@ -122,6 +122,12 @@ class Bench:
         self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
         self.timings: dict[str, float] = {}
 
+    def save_cache(self) -> None:
+        """Merge this process's entries into the file (another bench process may share --work: --runs)."""
+        on_disk = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
+        self.cache = {**on_disk, **self.cache}
+        atomic_write_json(self.cache_path, self.cache)
+
     def log(self, text: str) -> None:
         print(f"[bench_quality {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -159,7 +165,7 @@ class Bench:
             build("fashion-mnist", backbone, store, splits=["train"], limit_per_class=TRAIN_PER_CLASS, views=views,
                   data_root=self.data_root, image_size=IMAGE_SIZE, device=self.device, quiet=True)
             self.cache[key] = None if existed else round(time.perf_counter() - started, 1)
-            atomic_write_json(self.cache_path, self.cache)
+            self.save_cache()
         self.timings[f"build train split, {views} view(s) (s)"] = self.cache[key]
 
     def view_timings(self) -> None:
@@ -218,7 +224,7 @@ class Bench:
             result = evaluate(str(self.stores["main"]), {name: path}, [backbone], seeds=SEEDS, device=self.device,
                               quiet=True)
             self.cache[key] = result.rows[name][backbone].to_json()
-            atomic_write_json(self.cache_path, self.cache)
+            self.save_cache()
         return self.cache[key]
 
     def evaluate_full(self, backbone: str) -> dict[str, Any]:
@@ -229,7 +235,7 @@ class Bench:
             self.log(f"full-data probe on {backbone}")
             self.cache[key] = evaluate_full(str(self.stores["main"]), backbone, seeds=SEEDS, device=self.device,
                                             quiet=True).to_json()
-            atomic_write_json(self.cache_path, self.cache)
+            self.save_cache()
         return self.cache[key]
 
 
@@ -286,7 +292,7 @@ def old_probe_init(bench: Bench, args: argparse.Namespace, rows: list[dict[str, 
             evaluated = evaluate(str(bench.stores["main"]), {name: path}, [DISTILL_BACKBONES[0]], seeds=SEEDS,
                                  device=args.device, quiet=True, probe_init="uniform")
             bench.cache[key] = evaluated.rows[name][DISTILL_BACKBONES[0]].to_json()
-            atomic_write_json(bench.cache_path, bench.cache)
+            bench.save_cache()
         result[name] = bench.cache[key]
     return result
 
@@ -320,6 +326,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     bench.build_stores()
     eval_backbones = DISTILL_BACKBONES if args.quick else EVAL_BACKBONES
     runs = plan(args.quick)
+    if args.runs:
+        unknown = sorted(set(args.runs) - {run.name for run in runs})
+        if unknown:
+            raise SystemExit(f"error: no run named {', '.join(unknown)} in the plan (--runs); "
+                             f"the plan: {', '.join(run.name for run in runs)}")
+        runs = [run for run in runs if run.name in args.runs]
     rows: list[dict[str, Any]] = []
     not_run: list[str] = []
     failed: dict[str, str] = {}
@@ -330,7 +342,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if args.budget_minutes is not None:
             left = args.budget_minutes * 60 - (time.perf_counter() - started)
             estimate = estimated_seconds(bench, run, rows, eval_seconds)
-            if left <= 0 or (estimate is not None and estimate > left):
+            if not bench.done(run) and (left <= 0 or (estimate is not None and estimate > left)):
                 bench.log(f"skip {run.name}: about {0 if estimate is None else estimate / 60:.0f} min, "
                           f"{max(left, 0) / 60:.0f} min of --budget-minutes left")
                 not_run.append(run.name)
@@ -355,7 +367,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     write_all(payload, args, args.work / "progress")
     committed = args.out_dir / f"{results_name(args)}.json"
     held = len(json.loads(committed.read_text()).get("rows", [])) if committed.is_file() else 0
-    if (not_run or failed) and held > len(rows):
+    if args.runs:
+        bench.log(f"--runs: results in {args.work / 'progress'} only; a bench without --runs gathers every run made")
+    elif (not_run or failed) and held > len(rows):
         bench.log(f"{committed} holds {held} runs, this bench {len(rows)}: left as it is; these results are in "
                   f"{args.work / 'progress'} (a rerun continues the runs not made)")
     else:
@@ -516,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cached stores, runs and evaluations (reused by a rerun)")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+                        help="only these runs of the plan (a second process may share --work: the cache merges)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="start a run only while its estimated time fits in what is left of this budget; "
                              "the results list the runs not made (a rerun continues them)")
