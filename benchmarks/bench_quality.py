@@ -91,6 +91,7 @@ def plan(quick: bool) -> list[Run]:
     base = {"backbone": [DISTILL_BACKBONES[0]], "steps": ABLATION_STEPS}
     ablations = [
         Run("abl-real-batch-authors", {**base, "real_batch": AUGS * 10}, "ablation"),   # ipc * augs * C
+        Run("abl-init-noise", {**base, "init": "noise"}, "ablation"),   # the authors' default init
         Run("abl-param-pixels", {**base, "param": "pixels"}, "ablation"),
         Run("abl-real-views4", {**base}, "ablation", store="views4"),
         Run("abl-no-augmentation", {**base, "augment": False}, "ablation"),

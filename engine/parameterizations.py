@@ -13,7 +13,8 @@ augment / centre-crop path as real images).
   the largest column norm: the levels live in a decorrelated colour space), then sigmoid(2x);
 - noise init as the authors: the first level is N(0, 1); when a level is added, the existing levels
   are scaled by old_len / new_len and the new one is N(0, 1) / new_len (every level keeps an equal
-  share of the total). `grow_init="zero"` instead adds the new level as zeros (the decoded image is
+  share of the total). Zero init (the authors' `init_mode="zero"`): every level starts at zero (grey
+  images) and is added as zero, so growth never changes the decoded image. `grow_init="zero"` instead adds the new level as zeros (the decoded image is
   unchanged by growth);
 - Adam state is reset when a level is added (the authors rebuild the optimizer): `grow()` returns True
   and the distill loop builds a fresh optimizer over `parameters()`.
@@ -133,6 +134,9 @@ class PyramidImages:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         if init == "noise":
             self.levels = [self._noise(self.sizes[0])]
+        elif init == "zero":
+            # The authors' init_mode="zero": grey images; every level added later is zero too (see _add_level).
+            self.levels = [torch.zeros(self.n, channels, self.sizes[0], self.sizes[0], device=self.device)]
         elif init == "real":
             if real_images is None or tuple(real_images.shape) != (self.n, 3, resolution, resolution):
                 raise ValueError(f"real init needs images of shape {(self.n, 3, resolution, resolution)}")
@@ -140,7 +144,7 @@ class PyramidImages:
             levels[-1] = encode(real_images.to(self.device, torch.float32), channels, decorrelate)
             self.levels = levels
         else:
-            raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
+            raise ValueError(f"init must be 'noise', 'zero' or 'real', got {init!r}")
         for level in self.levels:
             level.requires_grad_(True)
 
@@ -171,7 +175,7 @@ class PyramidImages:
         old_len = len(self.levels)
         new_len = old_len + 1
         size = self.sizes[old_len]
-        if self.grow_init == "authors":
+        if self.grow_init == "authors" and self.init != "zero":
             levels = [level.detach() * (old_len / new_len) for level in self.levels]
             levels.append(self._noise(size) / new_len)
         else:
@@ -232,12 +236,14 @@ class PixelImages:
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         if init == "noise":
             logits = noise_std * torch.randn(self.n, channels, resolution, resolution, generator=generator)
+        elif init == "zero":
+            logits = torch.zeros(self.n, channels, resolution, resolution)
         elif init == "real":
             if real_images is None or tuple(real_images.shape) != (self.n, 3, resolution, resolution):
                 raise ValueError(f"real init needs images of shape {(self.n, 3, resolution, resolution)}")
             logits = encode(real_images.float().cpu(), channels, decorrelate)
         else:
-            raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
+            raise ValueError(f"init must be 'noise', 'zero' or 'real', got {init!r}")
         self.logits = logits.to(self.device).requires_grad_(True)
 
     complete = True

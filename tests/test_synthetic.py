@@ -105,3 +105,26 @@ def test_grey_and_undecorrelated_decodes():
     torch.testing.assert_close(decode(encode(real, 1)), grey_real, atol=1e-5, rtol=0)
     pixels = PixelImages(2, 1, 8, channels=1, generator=torch.Generator().manual_seed(1))
     assert pixels.parameters()[0].shape == (2, 1, 8, 8)
+
+
+def test_zero_init_is_the_authors_init_mode_zero():
+    """Grey images at start; growth keeps the decoded image (the authors rescale the old levels by
+    old/new and add their mean as the new level, src/synsets/pyramid.py: the same sum, so the same Adam
+    trajectory of the image) and each level of a grown pyramid gets the gradient of the image."""
+    syn = PyramidImages(3, 1, 16, grow_every=2, init="zero", channels=1)
+    torch.testing.assert_close(syn.images(), torch.full((3, 3, 16, 16), 0.5))
+    opt = torch.optim.Adam(syn.parameters(), lr=0.1)
+    target = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        if syn.grow(step):
+            before = syn.images().detach()
+            opt = torch.optim.Adam(syn.parameters(), lr=0.1)
+            torch.testing.assert_close(syn.images().detach(), before)
+        loss = (syn.images() - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert [p.shape[-1] for p in syn.parameters()] == [1, 2, 4, 8]
+    assert not torch.allclose(syn.images(), torch.full_like(target, 0.5))
+    pixels = PixelImages(2, 1, 8, init="zero")
+    torch.testing.assert_close(pixels.images(), torch.full((2, 3, 8, 8), 0.5))

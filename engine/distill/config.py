@@ -13,7 +13,7 @@ from featurestore.options import option
 
 PARAMETERIZATIONS = ("pyramid", "pixels")
 COLOURS = ("auto", "rgb", "grey")
-INITS = ("noise", "real")
+INITS = ("noise", "zero", "real")
 REAL_SOURCES = ("store", "images")
 
 
@@ -49,7 +49,8 @@ class DistillConfig:
                                            "fits the compute and memory budget, else the largest sample that fits), "
                                            "full (every row), or an integer (the authors: ipc*augs*classes).")
     param: str = option("pyramid", "Image parameterization: pyramid or pixels.")
-    init: str = option("noise", "noise, or real (real images of each class).")
+    init: str = option("zero", "zero (grey images: the authors' init_mode zero), noise (the authors' default), or "
+                                 "real (real images of each class).")
     colour: str = option("auto", "Synthetic images in colour (rgb) or grey (one channel replicated); auto: grey "
                                  "when every image of the store's split is grey.")
     decorrelate: bool = option(True, "Colour images live in the decorrelated colour space (the authors' "

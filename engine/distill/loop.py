@@ -315,7 +315,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     resolution = splits[0].resize_size
     grow_every = (auto_grow_every(resolution, cfg.steps) if parse_grow_every(cfg.grow_every) == "auto"
                   else int(cfg.grow_every))
-    if cfg.param == "pyramid" and cfg.init == "noise":
+    if cfg.param == "pyramid" and cfg.init != "real":
         problem = check_schedule(resolution, grow_every, cfg.steps)  # before anything is loaded
         if problem is not None:
             raise DistillError(problem)
@@ -326,7 +326,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
     plans = [plan_real_batch(parse_real_batch(cfg.real_batch), split.num_valid, num_classes, split.dim,
                              cfg.ipc * cfg.augs * num_classes, device.type) for split in splits]
-    grows = cfg.param == "pyramid" and cfg.init == "noise"  # only a growing pyramid has a schedule
+    grows = cfg.param == "pyramid" and cfg.init != "real"  # only a growing pyramid has a schedule
     grey = cfg.colour == "grey" or (cfg.colour == "auto" and all(split.greyscale for split in splits))
     resolved = {"grow_every": grow_every if grows else None, "colour": "grey" if grey else "rgb",
                 "real_batch": ["full" if batch is None else batch for batch, _ in plans]}
@@ -414,7 +414,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         } for m in members],
         "synthetic": {**synthetic.describe(), "num_images": synthetic.n, "ipc": cfg.ipc,
                       "full_resolution_from_step": (pyramid_full_step(resolution, grow_every)
-                                                    if cfg.param == "pyramid" and cfg.init == "noise" else 0)},
+                                                    if cfg.param == "pyramid" and cfg.init != "real" else 0)},
         "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": members[0].side.augs},
         "optimizer": {"name": "Adam", "lr": lr, "lr_option": cfg.lr, "lr_history": lr_history,
                       "reset_on_pyramid_growth": cfg.param == "pyramid"},
