@@ -386,7 +386,11 @@ def test_fashion_mnist_from_fake_idx_files(fake_fashion_root: Path) -> None:
     assert dataset_splits("fashion-mnist", fake_fashion_root) == ["train", "val"]
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="dataset-fashion-mnist not installed")
+# The files, not the folder: a folder left empty (package half removed, or hidden by a bind mount to test a
+# machine without it) must skip, not fail.
+@pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_MNIST_ROOT, f"{prefix}-{kind}-idx{n}-ubyte.gz"))
+                            for prefix in ("train", "t10k") for kind, n in (("images", 3), ("labels", 1))),
+                    reason="dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_real_files() -> None:
     train = open_dataset("fashion-mnist")
     assert len(train) == 60000 and train.class_counts().tolist() == [6000] * 10
@@ -507,6 +511,9 @@ def test_error_messages(folder_root: Path, tmp_path: Path) -> None:
     assert "apt-get install" in _one_line_error(open_dataset, "fashion-mnist", no_files)
     assert "apt-get install" in _one_line_error(dataset_splits, "fashion-mnist", no_files)
     assert "not 'test'" in _one_line_error(open_dataset, "fashion-mnist", split="test")
+    # The split is checked before the files: the same message on a machine without the dataset.
+    assert "not 'test'" in _one_line_error(open_dataset, "fashion-mnist", missing, split="test")
+    assert "not 'test'" in _one_line_error(open_dataset, "fashion-mnist", no_files, split="test")
 
     assert "drop --data-root" in _one_line_error(open_dataset, "synthetic", folder_root)
     assert "not 'test'" in _one_line_error(open_dataset, "synthetic", split="test")
