@@ -30,11 +30,11 @@ from featurestore.datasets import canonical_image, open_dataset
 
 
 def write_jpeg_folder(root: Path, per_class: int, source_size: int | None) -> tuple[int, str]:
-    """Fashion-MNIST train images (synthetic if it is not installed) as root/train/<class>/*.jpg."""
+    """Fashion-MNIST train images (generated gratings if it is not installed) as root/train/<class>/*.jpg."""
     try:
         ds = open_dataset("fashion-mnist", split="train", limit_per_class=per_class)
     except Exception:  # noqa: BLE001 - any reason the IDX files are unusable: fall back to generated images
-        ds = open_dataset("synthetic", split="train", limit_per_class=per_class)
+        ds = open_dataset("gratings", split="train", limit_per_class=per_class)
     for i in range(len(ds)):
         image = ds.load_image(i)
         if source_size:

@@ -317,8 +317,8 @@ def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int,
         real = ImageRealSource(_NoiseImages(backbone.resize_size), rows, labels, backbone, batch=authors_batch,
                                augment_images=True, cache_bytes=authors_batch * 3 * backbone.resize_size ** 2 * 4)
         plan_line = f"end to end: {authors_batch} real images augmented and embedded per step (decoded once, cached)"
-    synthetic = make_synthetic("pyramid", c, ipc, backbone.resize_size, grow_every=10_000, generator=gens["init"],
-                               device=device)
+    synthetic = make_synthetic("pyramid", c, ipc, backbone.resize_size, init="noise", grow_every=10_000,
+                               generator=gens["init"], device=device)
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=2e-3)
     side = SyntheticSide(backbone, augs, True, AugmentConfig())
     objective = get_objective("lgm", c)

@@ -80,8 +80,3 @@ def command(fn: Callable[..., Any], params: list[inspect.Parameter], doc: str | 
     wrapper.__name__ = fn.__name__
     return user_errors(wrapper)
 
-
-def fields_of(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `values` that are fields of dataclass `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}

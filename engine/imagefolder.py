@@ -25,10 +25,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from featurestore.datasets import (IMAGE_EXTENSIONS, canonical_image, decode_image_file,
+                                   pil_to_float_tensor)
 from featurestore.errors import UserError
 from featurestore.runtime import temp_dir_beside
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# The store's extensions except .gif, which image sets have never been read from (kept so behaviour is
+# unchanged; whether to read .gif here too is a separate decision).
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS - {".gif"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+\- ()\[\],]")
 
 
@@ -128,8 +132,6 @@ def read_imagefolder(directory: str | os.PathLike, class_names: Sequence[str] | 
     `size` is given), each is made a size x size square the canonical way (shorter side resized, bicubic,
     centre crop), size defaulting to the largest shorter side.
     """
-    from featurestore.datasets import canonical_image, decode_image_file, pil_to_float_tensor
-
     root = Path(directory)
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")

@@ -33,16 +33,6 @@ def save_safetensors(path: str | os.PathLike, images: Tensor, labels: Tensor, cl
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-def load_safetensors(path: str | os.PathLike) -> tuple[Tensor, Tensor, list[str], dict[str, Any]]:
-    """(images, labels, class_names, config) from a `distilled.safetensors`."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        images, labels = fh.get_tensor("images"), fh.get_tensor("labels")
-    return images, labels, json.loads(meta.get("class_names", "[]")), json.loads(meta.get("config", "{}"))
-
-
 def _figure_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")

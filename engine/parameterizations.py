@@ -108,8 +108,8 @@ class PyramidImages:
 
     kind = "pyramid"
 
-    def __init__(self, num_classes: int, ipc: int, resolution: int, *, grow_every: int = 200,
-                 init: str = "noise", real_images: Tensor | None = None, grow_init: str = "authors",
+    def __init__(self, num_classes: int, ipc: int, resolution: int, *, init: str, grow_every: int = 200,
+                 real_images: Tensor | None = None, grow_init: str = "authors",
                  channels: int = 3, decorrelate: bool = True, generator: torch.Generator | None = None,
                  device: str | torch.device = "cpu") -> None:
         check_channels(channels)
@@ -219,7 +219,7 @@ class PixelImages:
 
     kind = "pixels"
 
-    def __init__(self, num_classes: int, ipc: int, resolution: int, *, init: str = "noise",
+    def __init__(self, num_classes: int, ipc: int, resolution: int, *, init: str,
                  real_images: Tensor | None = None, noise_std: float = 1.0, channels: int = 3,
                  decorrelate: bool = True, generator: torch.Generator | None = None,
                  device: str | torch.device = "cpu") -> None:
@@ -279,11 +279,12 @@ _COLOUR_TEXT = {3: "RGB through Lucid's ImageNet colour correlation, column-norm
 SyntheticImages = PyramidImages | PixelImages
 
 
-def make_synthetic(kind: str, num_classes: int, ipc: int, resolution: int, *, init: str = "noise",
+def make_synthetic(kind: str, num_classes: int, ipc: int, resolution: int, *, init: str,
                    real_images: Tensor | None = None, grow_every: int = 200, channels: int = 3,
                    decorrelate: bool = True, generator: torch.Generator | None = None,
                    device: str | torch.device = "cpu") -> SyntheticImages:
-    """`pyramid` (LGM, default) or `pixels`; `channels` 3 (colour) or 1 (grey)."""
+    """`pyramid` (LGM, default) or `pixels`; `channels` 3 (colour) or 1 (grey). `init` (noise, zero or
+    real) has no default here: the default is `DistillConfig.init`'s."""
     if kind == "pyramid":
         return PyramidImages(num_classes, ipc, resolution, grow_every=grow_every, init=init,
                              real_images=real_images, channels=channels, decorrelate=decorrelate,

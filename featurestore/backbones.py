@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import BackboneError
+from .errors import BackboneError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 TF_LITE_MEAN = (127 / 255, 127 / 255, 127 / 255)  # (x - 127) / 128 on 0-255 pixels
@@ -256,12 +256,7 @@ register(BackboneSpec(
 # Loaders: (spec, image_size, weights_path) -> (model, embed_fn, weights_path_used)
 # ----------------------------------------------------------------------------------------------
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one short line (torch's load errors span many lines)."""
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
+_ERROR_LIMIT = 300  # characters of a quoted load error (torch's span many lines)
 
 def _missing_weights(spec: BackboneSpec, detail: str) -> BackboneError:
     return BackboneError(
@@ -305,14 +300,14 @@ def _load_timm_file(spec: BackboneSpec, image_size: int, weights: str):
         state = load_state_dict(str(path), weights_only=True)  # unwraps 'state_dict'/'model', strips 'module.'
     except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
         raise BackboneError(f"could not read --weights {weights} for backbone '{spec.name}' "
-                            f"({_one_line(exc)}); expected a state dict (.pth/.bin/.safetensors)") from exc
+                            f"({one_line(exc, _ERROR_LIMIT)}); expected a state dict (.pth/.bin/.safetensors)") from exc
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state = filter_fn(state, model)
         except Exception as exc:  # noqa: BLE001 - the filter indexes keys/shapes a foreign file may lack
             raise BackboneError(f"--weights {weights} does not match backbone '{spec.name}' "
-                                f"(timm {spec.architecture}): {_one_line(exc)}") from exc
+                                f"(timm {spec.architecture}): {one_line(exc, _ERROR_LIMIT)}") from exc
     classifiers = model.pretrained_cfg.get("classifier") or ()
     for name in [classifiers] if isinstance(classifiers, str) else classifiers:
         # The embedding is the pre-classifier feature: a linear-eval head in the file is not used.
@@ -347,7 +342,7 @@ def _load_open_clip(spec: BackboneSpec, image_size: int, weights: str | None):
     except Exception as exc:  # noqa: BLE001 - hub and checkpoint errors come in many types
         if weights is not None:
             raise BackboneError(f"could not load --weights {weights} into open_clip {spec.architecture} "
-                                f"(backbone '{spec.name}'): {_one_line(exc)}") from exc
+                                f"(backbone '{spec.name}'): {one_line(exc, _ERROR_LIMIT)}") from exc
         raise _missing_weights(spec, f"open_clip {spec.architecture} pretrained={pretrained}: "
                                      f"{type(exc).__name__}") from exc
     # encode_image(x) is visual(x); keeping only the image tower halves memory and the fingerprint
@@ -379,7 +374,8 @@ def _load_efficientnet_lite(spec: BackboneSpec, image_size: int, weights: str | 
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)  # the package's from_pretrained loads non-strictly
     except Exception as exc:
-        raise BackboneError(f"could not load efficientnet-lite0 weights from {path}: {_one_line(exc)}") from exc
+        raise BackboneError(f"could not load efficientnet-lite0 weights from {path}: "
+                            f"{one_line(exc, _ERROR_LIMIT)}") from exc
     # Lite variants use ReLU6 (relu_fn='relu6'), already plain nn.ReLU6 modules. Do not call the
     # package's set_swish(): it would replace every ReLU6 with swish and silently change the network.
 
@@ -437,7 +433,8 @@ def _load_random(spec: BackboneSpec, image_size: int, weights: str | None):
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a foreign or truncated file
             raise BackboneError(f"could not read --weights {weights} for backbone '{spec.name}' "
-                                f"({_one_line(exc)}); expected a state dict saved with torch.save") from None
+                                f"({one_line(exc, _ERROR_LIMIT)}); expected a state dict saved with "
+                                f"torch.save") from None
         if not isinstance(state, dict):
             raise BackboneError(f"--weights {weights} holds a {type(state).__name__}, not a state dict: "
                                 f"save model.state_dict() for backbone '{spec.name}'")
@@ -445,7 +442,7 @@ def _load_random(spec: BackboneSpec, image_size: int, weights: str | None):
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # noqa: BLE001 - missing/unexpected keys, shape mismatches
             raise BackboneError(f"--weights {weights} does not match backbone '{spec.name}' "
-                                f"({_one_line(exc, limit=200)})") from None
+                                f"({one_line(exc, 200)})") from None
     return model, model, weights
 
 
@@ -477,7 +474,7 @@ def weights_status(spec: BackboneSpec) -> tuple[bool, str]:
     try:
         return _weights_status(spec)
     except Exception as exc:  # noqa: BLE001 - a status line must not break the listing
-        return False, f"unknown ({_one_line(exc)})"
+        return False, f"unknown ({one_line(exc, _ERROR_LIMIT)})"
 
 
 def _hf_cached_file(repo_id: str, filenames: tuple[str, ...]) -> str | None:

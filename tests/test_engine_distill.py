@@ -72,7 +72,8 @@ def test_chunked_backprop_equals_single_pass(backbone_name):
     backbone = create_backbone(backbone_name)
     grads, losses = [], []
     for chunk in (10**6, 2, 3):
-        syn = PyramidImages(3, 2, backbone.resize_size, grow_every=1, generator=torch.Generator().manual_seed(0))
+        syn = PyramidImages(3, 2, backbone.resize_size, init="noise", grow_every=1,
+                            generator=torch.Generator().manual_seed(0))
         for s in range(4):
             syn.grow(s)
         forward = SyntheticSide(backbone, 3, True, AugmentConfig())

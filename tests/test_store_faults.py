@@ -35,7 +35,7 @@ from tests.test_store_build import assert_groups_identical
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--limit-per-class", "4", "--split", "train", "--chunk-rows", "16", "--batch-size", "8",
         "--workers", "0", "--quiet"]
-BUILD = ["build", "synthetic", "--backbone", "test-cnn", *TINY]  # 40 rows, units of 16, 16, 8 rows
+BUILD = ["build", "gratings", "--backbone", "test-cnn", *TINY]  # 40 rows, units of 16, 16, 8 rows
 SPLIT = Path("test-cnn") / "train"
 
 
@@ -266,7 +266,7 @@ KILL_MAIN_RUNNER = textwrap.dedent("""
         return _set(self, *args)
     zarr.Array.__setitem__ = slow
     from featurestore.build import build
-    build("synthetic", "test-cnn", sys.argv[1], splits=["train"], limit_per_class=4, chunk_rows=8,
+    build("gratings", "test-cnn", sys.argv[1], splits=["train"], limit_per_class=4, chunk_rows=8,
           batch_size=4, workers=1, quiet=True)
 """)
 

@@ -27,7 +27,7 @@ def test_colour_matrix_is_lucids_normalized_and_invertible():
 
 def test_growth_schedule_shapes_and_decoded_range():
     gen = torch.Generator().manual_seed(0)
-    syn = PyramidImages(3, 2, 36, grow_every=5, generator=gen)
+    syn = PyramidImages(3, 2, 36, init="noise", grow_every=5, generator=gen)
     assert [tuple(p.shape) for p in syn.parameters()] == [(6, 3, 1, 1)]
     grew_at = [s for s in range(40) if syn.grow(s)]
     assert grew_at == [5, 10, 15, 20, 25, 30]
@@ -45,13 +45,14 @@ def test_growth_schedule_shapes_and_decoded_range():
 
 def test_growth_init_authors_rescales_and_zero_keeps_the_image():
     gen = torch.Generator().manual_seed(1)
-    syn = PyramidImages(2, 1, 8, grow_every=1, generator=gen)
+    syn = PyramidImages(2, 1, 8, init="noise", grow_every=1, generator=gen)
     first = syn.parameters()[0].detach().clone()
     syn.grow(1)
     levels = syn.parameters()
     torch.testing.assert_close(levels[0], first / 2)  # old_len / new_len = 1/2
     assert levels[1].abs().sum() > 0  # new level is N(0,1)/2, not zero
-    zero = PyramidImages(2, 1, 8, grow_every=1, generator=torch.Generator().manual_seed(1), grow_init="zero")
+    zero = PyramidImages(2, 1, 8, init="noise", grow_every=1, generator=torch.Generator().manual_seed(1),
+                         grow_init="zero")
     before = zero.images().detach().clone()
     zero.grow(1)
     assert zero.parameters()[1].abs().sum() == 0
@@ -67,9 +68,9 @@ def test_real_init_reproduces_the_real_images_and_state_roundtrip():
     pix = PixelImages(2, 2, 16, init="real", real_images=real)
     torch.testing.assert_close(pix.images(), real, atol=1e-5, rtol=0)
 
-    grown = PyramidImages(2, 2, 16, grow_every=1, generator=torch.Generator().manual_seed(3))
+    grown = PyramidImages(2, 2, 16, init="noise", grow_every=1, generator=torch.Generator().manual_seed(3))
     grown.grow(3)
-    copy = PyramidImages(2, 2, 16, grow_every=1, generator=torch.Generator().manual_seed(99))
+    copy = PyramidImages(2, 2, 16, init="noise", grow_every=1, generator=torch.Generator().manual_seed(99))
     copy.load_state_dict(grown.state_dict())
     assert torch.equal(copy.images(), grown.images())
     grown.grow(4)
@@ -78,7 +79,7 @@ def test_real_init_reproduces_the_real_images_and_state_roundtrip():
 
 
 def test_pixels_noise_init_in_range_and_differentiable():
-    pix = PixelImages(3, 1, 12, generator=torch.Generator().manual_seed(0))
+    pix = PixelImages(3, 1, 12, init="noise", generator=torch.Generator().manual_seed(0))
     img = pix.images()
     assert img.shape == (3, 3, 12, 12) and 0 < img.min() and img.max() < 1
     img.sum().backward()
@@ -90,7 +91,7 @@ def test_grey_and_undecorrelated_decodes():
     from engine.parameterizations import decode, encode
 
     gen = torch.Generator().manual_seed(0)
-    grey = PyramidImages(2, 1, 8, grow_every=1, channels=1, generator=gen)
+    grey = PyramidImages(2, 1, 8, init="noise", grow_every=1, channels=1, generator=gen)
     for s in range(4):
         grey.grow(s)
     images = grey.images()
@@ -103,7 +104,7 @@ def test_grey_and_undecorrelated_decodes():
         torch.testing.assert_close(decode(encode(real, channels, decorrelate), decorrelate), real, atol=1e-5, rtol=0)
     grey_real = real.mean(1, keepdim=True).expand(-1, 3, -1, -1)
     torch.testing.assert_close(decode(encode(real, 1)), grey_real, atol=1e-5, rtol=0)
-    pixels = PixelImages(2, 1, 8, channels=1, generator=torch.Generator().manual_seed(1))
+    pixels = PixelImages(2, 1, 8, init="noise", channels=1, generator=torch.Generator().manual_seed(1))
     assert pixels.parameters()[0].shape == (2, 1, 8, 8)
 
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.objectives import METHODS, objective_config
+from engine.objectives import METHODS, OBJECTIVES, objective_config
 from featurestore.errors import UserError
 from featurestore.options import option
 
@@ -38,7 +38,8 @@ class DistillConfig:
                                       "one set against several backbones at once.", factory=list)
     backbone_weight: list[float] = option(help="Weight of each --backbone's loss in the mean (default: equal), "
                                                "one per --backbone.", factory=list)
-    method: str = option("lgm", f"Objective: {' or '.join(METHODS)} (linear gradient matching, closed-form probe).")
+    method: str = option("lgm", "Objective: " + " or ".join(f"{spec.name} ({spec.description})"
+                                                            for spec in OBJECTIVES.values()) + ".")
     ipc: int = option(1, "Synthetic images per class.")
     steps: int = option(5000, "Optimization steps.")
     lr: float | str = option("auto", "Adam learning rate of the image parameters, or auto: 10 / --steps, at most "

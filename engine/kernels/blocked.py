@@ -79,16 +79,21 @@ def softmax_backward(logits: Tensor, upstream: Tensor, labels: Tensor) -> tuple[
     return _subtract_onehot_(probs, labels), grad_logits
 
 
+def _prepare(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, block_rows: int,
+             dtype: torch.dtype) -> tuple[int, int, int, int, Tensor, Tensor, Tensor]:
+    """What forward and backward both start from: (N, D, C, rows per block, weight and bias in `dtype`,
+    labels as int64)."""
+    n, d = features.shape
+    c = weight.shape[0]
+    rows = resolve_block_rows(block_rows, n, c, d, features.device, upcast_features=features.dtype != dtype)
+    return n, d, c, rows, weight.to(dtype), bias.to(dtype), labels.to(torch.int64)
+
+
 def forward_blocked(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, *, block_rows: int,
                     dtype: torch.dtype, rows_fn: RowForward = softmax_minus_onehot) -> tuple[Tensor, Tensor]:
     """(A^T Z / N, 1^T A / N) in `dtype`, one block of rows at a time. Inputs are assumed validated."""
-    n, d = features.shape
-    c = weight.shape[0]
+    n, d, c, rows, w, b, labels = _prepare(features, labels, weight, bias, block_rows, dtype)
     device = features.device
-    rows = resolve_block_rows(block_rows, n, c, d, device, upcast_features=features.dtype != dtype)
-    w = weight.to(dtype)
-    b = bias.to(dtype)
-    labels = labels.to(torch.int64)
     grad_weight = torch.zeros(c, d, dtype=dtype, device=device)
     grad_bias = torch.zeros(c, dtype=dtype, device=device)
     logits_buffer = torch.empty(rows, c, dtype=dtype, device=device)
@@ -109,15 +114,10 @@ def backward_blocked(features: Tensor, labels: Tensor, weight: Tensor, bias: Ten
                      params_grad: bool, rows_fn: RowBackward = softmax_backward,
                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dZ, dW, db) for upstream (dG, dg_b), in `dtype`; None for the ones not asked for."""
-    n, d = features.shape
-    c = weight.shape[0]
+    n, d, c, rows, w, b, labels = _prepare(features, labels, weight, bias, block_rows, dtype)
     device = features.device
-    rows = resolve_block_rows(block_rows, n, c, d, device, upcast_features=features.dtype != dtype)
-    w = weight.to(dtype)
-    b = bias.to(dtype)
     dg = grad_grad_weight.to(dtype)
     dgb = grad_grad_bias.to(dtype)
-    labels = labels.to(torch.int64)
     grad_features = torch.empty(n, d, dtype=dtype, device=device) if features_grad else None
     grad_weight = torch.zeros(c, d, dtype=dtype, device=device) if params_grad else None
     grad_bias = torch.zeros(c, dtype=dtype, device=device) if params_grad else None

@@ -1,8 +1,9 @@
-"""Distillation objectives, one module each, one registry line each (`_SPECS`).
+"""Distillation objectives, one module each, one registry entry each (`_SPECS`).
 
 To add an objective: a module with a config dataclass (its options: `featurestore.options.option`
 fields and `validate()`), a class with `loss(...)` and `config()` (`base.Objective`), and
-`SPEC = ObjectiveSpec(...)`; then its line below. `engine distill --method NAME` and its options follow.
+`SPEC = ObjectiveSpec(...)`; then the module in the import below and its `SPEC` in `_SPECS`.
+`engine distill --method NAME`, its options and its line in `--method`'s help follow.
 """
 
 from __future__ import annotations

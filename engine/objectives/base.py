@@ -41,7 +41,8 @@ class Objective(Protocol):
 class ObjectiveSpec:
     """A registry entry: `config` is a frozen dataclass of the objective's options (fields made with
     `featurestore.options.option`, a `validate()` method); the CLI derives `engine distill`'s options
-    from it. `build(num_classes, config) -> Objective`."""
+    from it. `description`: a phrase, shown after the name in `--method`'s help.
+    `build(num_classes, config) -> Objective`."""
 
     name: str
     description: str

@@ -164,6 +164,6 @@ class CLPObjective:
             return F.cross_entropy(logits, real_labels.to(logits.device))
 
 
-SPEC = ObjectiveSpec(name="clp", description="closed-form linear-probe distillation (CLP-DD)", config=CLPConfig,
+SPEC = ObjectiveSpec(name="clp", description="closed-form linear-probe distillation, CLP-DD", config=CLPConfig,
                      build=lambda num_classes, cfg: CLPObjective(num_classes, ridge=cfg.ridge,
                                                                  temperature=cfg.temperature))

@@ -24,14 +24,16 @@ from engine.objectives.base import ObjectiveError, ObjectiveSpec
 from featurestore.options import option
 
 MATCH_MODES = ("global", "per-class")
+DEFAULT_HEAD_STD = 0.01
+DEFAULT_MATCH = "global"
 
 
 @dataclass(frozen=True)
 class LGMConfig:
     """Options of `--method lgm`."""
 
-    head_std: float = option(0.01, "lgm: std of the random linear heads.")
-    match: str = option("global", "lgm: global (one cosine, the authors') or per-class.")
+    head_std: float = option(DEFAULT_HEAD_STD, "lgm: std of the random linear heads.")
+    match: str = option(DEFAULT_MATCH, "lgm: global (one cosine, the authors') or per-class.")
 
     def validate(self) -> None:
         if not (math.isfinite(self.head_std) and self.head_std > 0):
@@ -45,7 +47,8 @@ class LGMObjective:
 
     name = "lgm"
 
-    def __init__(self, num_classes: int, head_std: float = 0.01, match: str = "global") -> None:
+    def __init__(self, num_classes: int, head_std: float = DEFAULT_HEAD_STD,
+                 match: str = DEFAULT_MATCH) -> None:
         LGMConfig(head_std=head_std, match=match).validate()
         if num_classes < 2:
             raise ObjectiveError(f"LGM needs at least 2 classes, got {num_classes}")
@@ -83,5 +86,5 @@ class LGMObjective:
             return (1 - F.cosine_similarity(real, syn, dim=1)).mean()
 
 
-SPEC = ObjectiveSpec(name="lgm", description="linear gradient matching (the authors' LGM)", config=LGMConfig,
+SPEC = ObjectiveSpec(name="lgm", description="linear gradient matching, the authors' LGM", config=LGMConfig,
                      build=lambda num_classes, cfg: LGMObjective(num_classes, head_std=cfg.head_std, match=cfg.match))

@@ -7,7 +7,7 @@ names are `train` and `val` for every dataset, so callers can always ask for tho
 decoded, and the canonical real image, are in decode.py.
 
 To add a dataset: a module defining a `DatasetReader` (name, description, splits(root), open(root,
-split, limit)), and its line in `_READERS` below.
+split, limit)), then the module in `from . import ...` and its reader in `_READERS` below.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from featurestore.errors import one_line
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
@@ -44,12 +46,6 @@ class CorruptImageError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def short_error(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -88,7 +84,7 @@ def _read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     try:
         info = os.stat(path)  # follows symlinks: the kind of what a link points to is what matters
     except OSError as exc:
-        raise CorruptImageError(f"unreadable file: {short_error(exc)}") from None
+        raise CorruptImageError(f"unreadable file: {one_line(exc, with_type=False)}") from None
     if not stat.S_ISREG(info.st_mode):
         kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special file")
         raise CorruptImageError(f"not a regular file ({kind})")
@@ -101,7 +97,7 @@ def _read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)  # bounded even if the file grew since the stat
     except OSError as exc:
-        raise CorruptImageError(f"unreadable file: {short_error(exc)}") from None
+        raise CorruptImageError(f"unreadable file: {one_line(exc, with_type=False)}") from None
     if len(data) > limit:
         raise CorruptImageError(f"file too large (more than the {limit >> 20} MiB read per image)")
     return data
@@ -119,17 +115,18 @@ def decode_image_file(path: str | os.PathLike) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise CorruptImageError("not an image (PIL cannot identify the format)") from None
     except Image.DecompressionBombError as exc:
-        raise CorruptImageError(f"image too large to decode safely: {short_error(exc)}") from None
+        raise CorruptImageError(f"image too large to decode safely: {one_line(exc, with_type=False)}") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure on an untrusted file means "broken file"
-        raise CorruptImageError(f"corrupt or truncated image header: {short_error(exc)}") from None
+        raise CorruptImageError(f"corrupt or truncated image header: {one_line(exc, with_type=False)}") from None
     try:
         image.load()  # forces the full decode: truncated data raises here
     except Exception as exc:  # noqa: BLE001
-        raise CorruptImageError(f"truncated or corrupt {image.format or 'image'}: {short_error(exc)}") from None
+        raise CorruptImageError(f"truncated or corrupt {image.format or 'image'}: "
+                                f"{one_line(exc, with_type=False)}") from None
     try:
         return to_rgb(image)
     except Exception as exc:  # noqa: BLE001
-        raise CorruptImageError(f"cannot convert {image.mode} image to RGB: {short_error(exc)}") from None
+        raise CorruptImageError(f"cannot convert {image.mode} image to RGB: {one_line(exc, with_type=False)}") from None
 
 
 def canonical_image(image: Image.Image, resize_size: int) -> torch.Tensor:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.errors import DatasetError
+from featurestore.errors import DatasetError, one_line
 
 from .base import ArrayImageDataset, DatasetReader, first_per_class
-from .decode import short_error
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -40,7 +39,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         else:
             data = path.read_bytes()
     except (OSError, EOFError) as exc:
-        raise DatasetError(f"cannot read IDX file {path}: {short_error(exc)} (reinstall or re-download it)") from None
+        raise DatasetError(f"cannot read IDX file {path}: {one_line(exc, with_type=False)} "
+                           f"(reinstall or re-download it)") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DatasetError(f"{path} is not an IDX file (bad magic number): reinstall or re-download it")
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]

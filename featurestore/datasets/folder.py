@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.errors import DatasetError
+from featurestore.errors import DatasetError, one_line
 
 from .base import SPLITS, DatasetReader, FolderImageDataset
-from .decode import IMAGE_EXTENSIONS, short_error
+from .decode import IMAGE_EXTENSIONS
 
 _IMAGENET_SYNSET_FILE = "LOC_synset_mapping.txt"
 
@@ -138,7 +138,7 @@ def _read_synset_mapping(path: Path) -> dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {path}: {short_error(exc)} (fix or remove the file)") from None
+        raise DatasetError(f"cannot read {path}: {one_line(exc, with_type=False)} (fix or remove the file)") from None
     for line_no, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
