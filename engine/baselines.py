@@ -108,7 +108,7 @@ class BaselineConfig:
 def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **options: Any) -> dict:
     """Build a baseline image set in `out` (`options`: the fields of `BaselineConfig`); returns the content
     of `baseline.json`."""
-    from engine.evaluate import embed_views, read_image_set
+    from engine.imagesets import embed_views, read_image_set
     from engine.imagefolder import class_folder_names, write_imagefolder
     from engine.outputs import save_grid
     from featurestore.datasets import canonical_image

@@ -36,8 +36,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from engine.imagesets import EVAL_AUGMENT, RUN_MARKERS, embed_views, read_image_set, resolve_image_dir
 from engine.probe import MAX_BATCH, ProbeRecipe, probes_accuracy, train_probes
-from featurestore.augment import AugmentConfig, AugmentParams, apply_params, center_crop, resize, sample_params
+from featurestore.augment import resize
 from featurestore.backbones import Backbone
 from featurestore.errors import UserError
 from featurestore.options import option
@@ -45,78 +46,14 @@ from featurestore.progress import progress
 from featurestore.runtime import atomic_write_bytes, atomic_write_json, pick_device
 from featurestore.store import open_store
 
-# Evaluation augmentation: the authors' flip + random resized crop, without the pixel noise that the
-# distillation augmentation adds.
-EVAL_AUGMENT = AugmentConfig(noise_p=0.0)
 DEFAULT_VIEWS = 100
 FULL_BATCH = 128  # full-data probe: the authors' batch_size_per_gpu on one GPU (src/config/full_dataset_config.py)
 FULL_ROW = "full"
 UNSEEN_COLUMN = "mean over unseen backbones"
-# Files that mark a distill or baseline output directory (its images are in images/).
-RUN_MARKERS = ("config.json", "baseline.json", "distilled.safetensors")
-_EMBED_BATCH = 128
-
-
-# ----------------------------------------------------------------------------------------------------
-# Features of images through a backbone
-
-
-@torch.no_grad()
-def embed_views(backbone: Backbone, images: torch.Tensor, views: int, generator: torch.Generator | None,
-                bar: Any = None) -> torch.Tensor:
-    """Features [V, N, D] of `views` augmented views (flip + RRC) of images [N, 3, R, R].
-
-    `generator=None` gives the single centre-crop view (V must be 1). The parameters of all V x N views
-    are drawn at once (view-major), so the draw does not depend on the batch size; the V x N crops are
-    then embedded in batches of up to 128 — sets of 10 images would otherwise make batches of 10.
-    """
-    if generator is None and views != 1:
-        raise ValueError("the centre-crop view is a single view: views must be 1 without a generator")
-    device = backbone.device
-    n = images.shape[0]
-    total = views * n
-    params = None if generator is None else sample_params(total, generator, EVAL_AUGMENT)
-    out = torch.empty(total, backbone.dim, dtype=torch.float32, device=device)
-    for start in range(0, total, _EMBED_BATCH):
-        stop = min(total, start + _EMBED_BATCH)
-        chunk = images[torch.arange(start, stop) % n].to(device)
-        if params is None:
-            x = center_crop(chunk, backbone.image_size)
-        else:
-            sub = AugmentParams(theta=params.theta[start:stop], noise_on=params.noise_on[start:stop],
-                                noise_seed=params.noise_seed)
-            x = apply_params(chunk, sub, backbone.image_size, EVAL_AUGMENT)
-        out[start:stop] = backbone.embed(x)
-        if bar is not None:
-            bar.update(stop - start)
-    return out.view(views, n, backbone.dim)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Image sets
-
-
-@dataclass
-class ImageSet:
-    """Images [N, 3, H, W] in [0, 1] with labels [N] indexing the store's classes."""
-
-    path: Path
-    images: torch.Tensor
-    labels: torch.Tensor
-
-
-def resolve_image_dir(path: str | os.PathLike) -> Path:
-    """The ImageFolder root for DIR: DIR itself, or DIR/images for a distill/baseline output directory."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"--images {p}: no such directory")
-    nested = p / "images"
-    if nested.is_dir():
-        other_dirs = [c for c in p.iterdir() if c.is_dir() and c.name not in ("images", "eval")
-                      and not c.name.startswith(".")]
-        if any((p / m).is_file() for m in RUN_MARKERS) or not other_dirs:
-            return nested
-    return p
 
 
 def set_sources(path: str | os.PathLike) -> list[str]:
@@ -138,25 +75,6 @@ def set_sources(path: str | os.PathLike) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # an unreadable record: treated as unknown, every backbone unseen
     return []
-
-
-def read_image_set(path: str | os.PathLike, class_names: Sequence[str]) -> ImageSet:
-    """Read an ImageFolder set whose class folders must all be classes of the store."""
-    from engine.imagefolder import read_imagefolder  # noqa: PLC0415 - engine-internal
-
-    root = resolve_image_dir(path)
-    subdirs = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
-    if not subdirs:
-        raise UserError(f"--images {root}: no class folders (expected ImageFolder layout DIR/<class>/<image>.png)")
-    try:
-        images, labels, _ = read_imagefolder(root, class_names=list(class_names))
-    except UserError:
-        raise
-    except (ValueError, KeyError, OSError) as exc:
-        raise UserError(f"--images {root}: {exc}") from None
-    if images.shape[0] == 0:
-        raise UserError(f"--images {root}: no images found in its class folders")
-    return ImageSet(path=root, images=images.float(), labels=torch.as_tensor(labels, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,12 +223,12 @@ class EvalConfig:
     """The options of `engine eval` that `evaluate` takes (the CLI derives its options from them)."""
 
     seeds: int = option(5, "Probe runs per cell (seeds 0..N-1).")
-    epochs: int = option(1000, "Probe epochs on an image set.")
+    epochs: int = option(ProbeRecipe.epochs, "Probe epochs on an image set.")
     views: int | None = option(None, f"Cached augmented views per image and seed (default min(epochs, {DEFAULT_VIEWS})).")
     full: bool = option(False, "Add the full-data probe on the stored train features.", flag="--full")
     full_epochs: int = option(100, "Epochs of the full-data probe.")
-    probe_init: str = option("normal", "Probe head init: normal (the authors': N(0, 0.01^2), zero bias) or "
-                                       "uniform (PyTorch's default, this tool's before 2026-11-29).")
+    probe_init: str = option(ProbeRecipe.init, "Probe head init: normal (the authors': N(0, 0.01^2), zero bias) or "
+                                                 "uniform (PyTorch's default, this tool's before 2026-11-29).")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     quiet: bool = option(False, "No progress bars.", flag="--quiet")
 

@@ -1,5 +1,6 @@
-"""Linear probes on frozen features, trained the LGM authors' way: the evaluation of distilled sets
-(`engine.evaluate`), the full-data upper bound and the baselines' table share this one implementation.
+"""Linear probes on frozen features, trained the LGM authors' way: every row of the evaluation table
+(`engine.evaluate`: distilled and baseline sets, the full-data upper bound) and `--eval-every`'s quick
+probe share this one implementation.
 
 As the authors' code (src/distillation/eval.py, src/models/linear_classifier.py): a head initialised with
 weights N(0, 0.01^2) and zero bias (their LinearClassifier; NOT PyTorch's default uniform init, which

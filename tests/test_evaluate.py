@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from cli.engine import app
-from engine.evaluate import (FULL_BATCH, ProbeRecipe, embed_views, evaluate, evaluate_full,
-                             probes_accuracy, train_probes, write_eval_outputs)
+from engine.evaluate import (FULL_BATCH, ProbeRecipe, evaluate, evaluate_full, probes_accuracy, train_probes,
+                             write_eval_outputs)
+from engine.imagesets import embed_views
 from engine.imagefolder import class_folder_names, write_imagefolder
 from featurestore.build import build
 from featurestore.datasets import canonical_image
