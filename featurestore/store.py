@@ -22,7 +22,7 @@ import zarr
 import zarr.abc.store
 import zarr.storage
 
-from .errors import StoreError
+from .errors import StoreError, one_line
 from .runtime import tool_version
 from .schema import (CLASS_COUNT, CLASS_MEAN, CLASS_SECOND_MOMENT, CLASS_SQ_MEAN, FEATURES, LABELS, SAMPLE_IDS,
                      SCHEMA_VERSION, SKIPPED_LABEL, UNIT_COUNT, UNIT_DONE, UNIT_OUTER, UNIT_SKIPPED, UNIT_SQSUM,
@@ -183,18 +183,12 @@ def child_names(location: StoreLocation, *parts: str) -> list[str]:
     return sorted(n for n in names if n and not n.startswith(".") and n != "zarr.json")
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def describe_read_error(exc: BaseException) -> str:
     """What went wrong reading a chunk, in a few words (zarr's messages quote raw bytes)."""
     text = str(exc)
     if "checksum" in text.lower():
         return "checksum mismatch: the chunk was changed or truncated on disk"
-    return _one_line(exc)
+    return one_line(exc)
 
 
 def open_child(location: StoreLocation, group: zarr.Group, name: str, what: str) -> Any:
@@ -206,7 +200,7 @@ def open_child(location: StoreLocation, group: zarr.Group, name: str, what: str)
         return None
     except Exception as exc:  # noqa: BLE001 - JSON and metadata validation errors of a damaged zarr.json
         path = location.child(*[p for p in (group.path, name) if p])
-        raise StoreError(f"the metadata of {what} {path} is unreadable ({_one_line(exc)}): the store is "
+        raise StoreError(f"the metadata of {what} {path} is unreadable ({one_line(exc)}): the store is "
                          f"damaged there; delete {path} and rebuild it with `fs build`") from None
 
 
@@ -376,7 +370,7 @@ class StoreSplit:
         try:
             return {int(row) for row, _ in json.loads(entry)} if entry else set()
         except (ValueError, TypeError) as exc:
-            raise self._damaged(UNIT_SKIPPED, unit, f"not a JSON list of [row, reason]: {_one_line(exc)}") from None
+            raise self._damaged(UNIT_SKIPPED, unit, f"not a JSON list of [row, reason]: {one_line(exc)}") from None
 
     # --- arrays
     def labels(self) -> np.ndarray:
@@ -416,7 +410,13 @@ class StoreSplit:
                          f"({self.attrs['num_skipped']}) disagrees with its labels: {self.rebuild_hint()}")
 
     def sample_ids(self) -> list[str]:
-        return [str(s) for s in self._read(SAMPLE_IDS)]
+        """Every row's sample id (skipped rows included); an empty id is a chunk lost on disk (its fill
+        value), refused here rather than reported later as an image gone from the source."""
+        ids = [str(s) for s in self._read(SAMPLE_IDS)]
+        if "" in ids:
+            unit = ids.index("") // int(self.attrs["chunk_rows"])
+            raise self._damaged(SAMPLE_IDS, unit, "empty sample ids: a missing chunk")
+        return ids
 
     def load(self, view: int | Literal["all"] = 0, device: str | torch.device = "cpu",
              rows: np.ndarray | None = None) -> SplitData:
@@ -507,7 +507,7 @@ class StoreSplit:
         except StoreError as exc:
             return [whole(str(exc).split(": ", 1)[-1])]
         except (KeyError, TypeError, ValueError) as exc:
-            return [whole(f"split attributes incomplete ({_one_line(exc)}): delete "
+            return [whole(f"split attributes incomplete ({one_line(exc)}): delete "
                           f"{self.store.location.child(self.backbone, self.split_name)} and rebuild the split")]
         for name, spec in specs.items():
             if tuple(arrays[name].shape) != tuple(spec["shape"]):
