@@ -48,19 +48,19 @@ _EVAL_ONLY = [
 
 
 def _eval(store: str, images, name, backbone, out, **options) -> None:
-    from engine.evaluate import default_out_dir, evaluate, write_eval_outputs
+    from engine.evaluate import check_eval_out, default_out_dir, evaluate, write_eval_outputs
 
     dirs = list(images or [])
     names = _unique_names(dirs, list(name or []))
+    out_dir = check_eval_out(out if out is not None else default_out_dir(dirs))
     result = evaluate(store, dict(zip(names, dirs)), backbone, **options)
-    out_dir = out if out is not None else default_out_dir(dirs)
-    json_path, md_path = write_eval_outputs(result, out_dir)
     header, rows = result.table("top1")
     typer.echo("top-1 accuracy (%), mean ± std over seeds " + str(result.config["seeds"]))
     typer.echo("| " + " | ".join(header) + " |")
     typer.echo("|" + "---|" * len(header))
     for r in rows:
         typer.echo("| " + " | ".join(r) + " |")
+    json_path, md_path = write_eval_outputs(result, out_dir)  # after printing: a failed write loses no result
     typer.echo(f"wrote {json_path} and {md_path}")
 
 

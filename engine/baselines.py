@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -31,7 +32,8 @@ from featurestore.augment import resize
 from featurestore.errors import StoreError, UserError
 from featurestore.options import option
 from featurestore.progress import progress
-from featurestore.runtime import atomic_write_json, pick_device, require_new_dir, require_writable, temp_dir_beside
+from featurestore.runtime import (atomic_write_json, pick_device, require_new_dir, require_writable, temp_dir_beside,
+                                  write_errors)
 from featurestore.store import open_store
 
 BASELINE_KINDS: tuple[str, ...] = ("random", "centroid", "neighbors")
@@ -109,8 +111,7 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
     """Build a baseline image set in `out` (`options`: the fields of `BaselineConfig`); returns the content
     of `baseline.json`."""
     from engine.imagesets import embed_views, read_image_set
-    from engine.imagefolder import class_folder_names, write_imagefolder
-    from engine.outputs import save_grid
+    from engine.imagefolder import class_folder_names
     from featurestore.datasets import canonical_image
 
     cfg = BaselineConfig(**options)
@@ -176,11 +177,22 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
     record["num_images"] = len(tensors)
     record["picks"] = per_class
 
+    with write_errors(f"the baseline to {out}", "rerun the same command (nothing was left in --out)"):
+        _write_baseline(out, tensors, out_labels, store.class_names, record)
+    return record
+
+
+def _write_baseline(out: Path, tensors: list[torch.Tensor], out_labels: list[int], class_names: list[str],
+                    record: dict) -> None:
+    """Write the set next to `out` and rename it into place: a failed write leaves `out` as it was."""
+    from engine.imagefolder import write_imagefolder
+    from engine.outputs import save_grid
+
     tmp = temp_dir_beside(out)
     try:
         images_t, labels_t = torch.stack(tensors), torch.tensor(out_labels)
-        write_imagefolder(tmp / "images", images_t, labels_t, store.class_names)
-        save_grid(tmp / "grid.png", images_t, labels_t, store.class_names)
+        write_imagefolder(tmp / "images", images_t, labels_t, class_names)
+        save_grid(tmp / "grid.png", images_t, labels_t, class_names)
         atomic_write_json(tmp / "baseline.json", record)
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -188,5 +200,4 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return record
 

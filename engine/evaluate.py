@@ -43,7 +43,7 @@ from featurestore.backbones import Backbone
 from featurestore.errors import UserError
 from featurestore.options import option
 from featurestore.progress import progress
-from featurestore.runtime import atomic_write_bytes, atomic_write_json, pick_device
+from featurestore.runtime import atomic_write_bytes, atomic_write_json, pick_device, require_writable, write_errors
 from featurestore.store import open_store
 
 DEFAULT_VIEWS = 100
@@ -186,13 +186,22 @@ class EvalResult:
 
 def write_eval_outputs(result: EvalResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write `eval.json` (everything) and `eval.md` (the tables) atomically; returns their paths."""
+    out = check_eval_out(out_dir)
+    json_path, md_path = out / "eval.json", out / "eval.md"
+    with write_errors(f"the evaluation to {out}", "rerun with another --out (the table above is the result)"):
+        atomic_write_json(json_path, result.to_json())
+        atomic_write_bytes(md_path, result.to_markdown().encode())
+    return json_path, md_path
+
+
+def check_eval_out(out_dir: str | os.PathLike) -> Path:
+    """Refuse (one line) an --out that is a file or cannot be written: checked before the evaluation, so a
+    bad --out costs a second, not the evaluation's minutes."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another path")
-    json_path, md_path = out / "eval.json", out / "eval.md"
-    atomic_write_json(json_path, result.to_json())
-    atomic_write_bytes(md_path, result.to_markdown().encode())
-    return json_path, md_path
+    require_writable(out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 
 from . import schema
 from .progress import progress
-from .runtime import exclusive_lock
+from .runtime import describe_os_error, exclusive_lock
 from .store import (Damage, FeatureStore, StoreLocation, StoreSplit, open_zarr_group,
                     read_root_metadata, store_location)
 from .backbones import Backbone, create_backbone, get_spec
@@ -176,9 +176,7 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
 def _write_error(where: str, exc: OSError) -> StoreError:
     """An OSError while writing the store as one line saying what to do; the store stays usable: chunks
     are replaced atomically and a unit's marker is written last, so a rerun resumes."""
-    detail = exc.strerror or str(exc)
-    if exc.filename:
-        detail += f": {exc.filename}"
+    detail, _first = describe_os_error(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         hint = "free disk space, then rerun the same command (finished units are kept, the build resumes)"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

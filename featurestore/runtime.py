@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -26,6 +27,30 @@ def pick_device(device: str | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
     return dev
+
+
+def describe_os_error(exc: OSError) -> tuple[str, str]:
+    """(what failed, what to do first) for an OSError of a write: the one-line messages of every stage."""
+    detail = exc.strerror or str(exc)
+    if exc.filename:
+        detail += f": {exc.filename}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return detail, "free disk space"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return detail, "make it writable"
+    return detail, "fix the cause"
+
+
+@contextmanager
+def write_errors(what: str, then: str, error: type[UserError] = UserError) -> Iterator[None]:
+    """Turn an OSError raised in the block (disk full, permission lost, read-only file system) into one
+    `error` line: "cannot write <what> (<detail>): <first step>, then <then>". Use it around writes only, so
+    that a read error is never reported as a write error."""
+    try:
+        yield
+    except OSError as exc:
+        detail, first = describe_os_error(exc)
+        raise error(f"cannot write {what} ({detail}): {first}, then {then}") from None
 
 
 LOCK_FILE = ".lock"

@@ -4,6 +4,7 @@ engine as it was before these defects were fixed (the docstrings say how)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -409,3 +410,117 @@ def test_a_checkpoint_made_under_the_old_default_init_is_refused_naming_it(store
     line = _one_line_error(result)
     assert "--init 'noise' -> 'zero'" in line
     assert distill(_config(store, out, steps=9, init="noise", resume=True)).resumed_from == 7
+
+
+# ----------------------------------------------------------------------------------------------------
+# writes that fail, races on --out, leftovers of a killed write
+
+
+def test_a_full_disk_while_distilling_is_one_line_and_resume_continues(store, tmp_path, monkeypatch):
+    """Before: an OSError while writing a checkpoint (disk full) was a traceback."""
+    import engine.distill.loop as loop
+
+    out = tmp_path / "full"
+    real_save = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def full_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoint.pt"))
+        return real_save(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_checkpoint", full_disk)
+        line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
+                                    "--steps", "7", "--augs", "1", "--grow-every", "1", "--checkpoint-every", "1",
+                                    "--quiet", "--device", "cpu"))
+    assert "No space left on device" in line and "free disk space" in line
+    assert "--resume (the checkpoint of step 2 is intact)" in line
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = distill(_config(store, out, resume=True))
+    assert resumed.resumed_from == 2 and resumed.steps_done == 7
+    assert torch.equal(resumed.images, distill(_config(store, tmp_path / "whole")).images)
+
+
+def test_a_run_that_wrote_the_out_dir_while_this_one_loaded_is_not_overwritten(store, tmp_path, monkeypatch):
+    """Before: --out was checked before the loads and locked after them; a run into the same --out that
+    finished in between had its results overwritten."""
+    import engine.distill.loop as loop
+
+    out = tmp_path / "raced"
+    real_lock = loop.exclusive_lock
+
+    def other_run_finishes_first(directory, what):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "distilled.safetensors").write_bytes(b"the other run's result")
+        return real_lock(directory, what)
+
+    monkeypatch.setattr(loop, "exclusive_lock", other_run_finishes_first)
+    with pytest.raises(DistillError, match="was written by another run while this one was loading "
+                                           r"\(distilled.safetensors\)"):
+        distill(_config(store, out))
+    assert (out / "distilled.safetensors").read_bytes() == b"the other run's result"
+    assert not (out / "config.json").exists()
+
+
+def test_temp_files_of_a_killed_first_write_do_not_block_a_restart(store, tmp_path):
+    """Before: a run killed while writing its first checkpoint left `.checkpoint.pt.*.tmp`: 'not empty' for
+    the same command, 'no checkpoint' for --resume."""
+    out = tmp_path / "killed-in-write"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    (out / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    assert distill(_config(store, out)).steps_done == 7
+
+
+def test_eval_refuses_an_unwritable_out_before_evaluating(store, tmp_path, monkeypatch):
+    """Before: --out was checked only after the evaluation (minutes on a real store), then a traceback."""
+    import engine.evaluate as evaluate_module
+
+    run = tmp_path / "run"
+    distill(_config(store, run))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated before checking --out")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", must_not_run)
+    line = _one_line_error(_cli("eval", "--store", str(store), "--images", str(run), "--backbone", BACKBONE,
+                                "--out", str(blocker / "eval"), "--quiet", "--device", "cpu"))
+    assert f"{blocker} is a file, not a directory" in line
+    line = _one_line_error(_cli("eval", "--store", str(store), "--images", str(run), "--backbone", BACKBONE,
+                                "--out", str(blocker), "--quiet", "--device", "cpu"))
+    assert "exists and is not a directory" in line
+
+
+def test_a_full_disk_while_writing_a_baseline_is_one_line_and_leaves_no_out(store, tmp_path, monkeypatch):
+    """Before: an OSError while writing the baseline's images was a traceback."""
+    import engine.imagefolder as imagefolder
+
+    def full_disk(out_dir, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
+
+    monkeypatch.setattr(imagefolder, "write_imagefolder", full_disk)
+    out = tmp_path / "random"
+    line = _one_line_error(_cli("baseline", "--store", str(store), "--backbone", BACKBONE, "--kind", "random",
+                                "--out", str(out), "--quiet"))
+    assert "cannot write the baseline" in line and "free disk space" in line
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_lost_sample_ids_chunk_is_named_when_ids_are_read(store, tmp_path):
+    """Before: a missing sample_ids chunk read as empty ids, reported later as images gone from the source."""
+    import shutil
+
+    copy = tmp_path / "fs"
+    shutil.copytree(store, copy)
+    unit0 = copy / BACKBONE / "train" / "sample_ids" / "c" / "0"
+    shutil.rmtree(unit0) if unit0.is_dir() else unit0.unlink()
+    with pytest.raises(Exception) as info:
+        FeatureStore.open(copy).split(BACKBONE, "train").sample_ids()
+    assert type(info.value).__name__ == "StoreError"
+    assert "sample_ids rows 0-" in str(info.value) and "empty sample ids" in str(info.value)
+    assert "--repair" in str(info.value)

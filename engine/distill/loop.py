@@ -60,8 +60,8 @@ from engine.real import ImageRealSource, RealSource, StoreRealSource, plan_real_
 from featurestore.augment import AugmentConfig
 from featurestore.progress import progress
 from featurestore.distributed import DistContext, any_rank, contiguous_share, destroy, init_process_group_from_env
-from featurestore.runtime import (LOCK_FILE, atomic_write_json, exclusive_lock, free_memory, is_locked, require_new_dir,
-                                  require_writable, tool_version)
+from featurestore.runtime import (LOCK_FILE, atomic_write_json, exclusive_lock, free_memory, is_locked,
+                                  require_writable, tool_version, write_errors)
 
 
 @dataclass
@@ -127,15 +127,27 @@ class Run:
     def splits(self) -> list[Any]:
         return [m.split for m in self.members]
 
+    def writes(self):
+        """Around every write into --out: an OSError (disk full, permission lost) becomes one line saying
+        how to go on. Checkpoints are written atomically, so the last one on disk is always whole."""
+        then = (f"rerun the same command with --resume (the checkpoint of step {self.last_saved} is intact)"
+                if self.last_saved is not None else
+                "rerun the same command (no checkpoint was written yet: it starts again from step 0)")
+        return write_errors(f"to --out {self.out}", then, DistillError)
+
     def save_checkpoint(self, step: int) -> None:
         if not self.main:  # every rank holds the same state; rank 0 writes it
             return
+        with self.writes():
+            self._save_checkpoint(step)
+        self.last_saved = step
+
+    def _save_checkpoint(self, step: int) -> None:
         save_checkpoint(self.out, {
             "step": step, "run": run_identity(self.cfg, self.splits, self.resolved),
             "synthetic": self.synthetic.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_history": self.lr_history,
             "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics})
-        self.last_saved = step
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
@@ -160,6 +172,14 @@ def distill(cfg: DistillConfig) -> DistillResult:
 _EARLY_FILES = frozenset({"config.json", "metrics.jsonl", LOCK_FILE})
 
 
+def _entries(out: Path) -> set[str]:
+    """The names in --out, without the hidden temp files and folders of atomic writes (`.<name>.*`): a run
+    killed in the middle of one leaves them, and they must not make its directory look used."""
+    if not out.is_dir():
+        return set()
+    return {p.name for p in out.iterdir() if p.name == LOCK_FILE or not p.name.startswith(".")}
+
+
 def check_out_dir(out: Path, resume: bool, main: bool = True) -> bool:
     """Checks --out before anything is loaded; returns whether to resume from its checkpoint.
 
@@ -172,7 +192,7 @@ def check_out_dir(out: Path, resume: bool, main: bool = True) -> bool:
     if holder is not None:
         raise DistillError(f"--out {out} is in use by another run ({holder}): wait for it to finish, or "
                            f"choose another --out")
-    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    entries = _entries(out)
     abandoned = bool(entries) and entries <= _EARLY_FILES and (out / "config.json").is_file()
     if resume:
         if (out / CHECKPOINT).is_file():
@@ -180,7 +200,8 @@ def check_out_dir(out: Path, resume: bool, main: bool = True) -> bool:
         if not abandoned:
             raise DistillError(f"--resume: no {CHECKPOINT} in {out}; start a new run without --resume")
     elif not abandoned and not (entries <= {LOCK_FILE}):
-        require_new_dir(out, "choose a new directory, or pass --resume to continue the run in it", DistillError)
+        raise DistillError(f"--out {out} exists and is not empty: choose a new directory, or pass --resume to "
+                           f"continue the run in it")
     if abandoned and main:
         print(f"note: {out} holds a run that stopped before its first checkpoint: starting it again from step 0",
               file=sys.stderr)
@@ -205,15 +226,29 @@ def setup(cfg: DistillConfig, ctx: DistContext, held: ExitStack) -> Run:
     if run.main:
         try:
             held.enter_context(exclusive_lock(run.out, "output directory"))
+            _recheck_out_dir(run.out, run.resumed)
         except Exception as exc:  # noqa: BLE001 - see above
             if not ctx.is_distributed:
                 raise
             error = exc
     _agree(error)
     if run.main:
-        atomic_write_json(run.out / "config.json", run.config)
-        write_metrics(run.out / "metrics.jsonl", run.metrics)
+        with run.writes():
+            atomic_write_json(run.out / "config.json", run.config)
+            write_metrics(run.out / "metrics.jsonl", run.metrics)
     return run
+
+
+def _recheck_out_dir(out: Path, resumed: bool) -> None:
+    """Called with the lock held: --out was checked before the (slow) loads, without the lock; a run into
+    the same --out that finished or checkpointed meanwhile must not be overwritten."""
+    if resumed:
+        return  # the checkpoint was read before the lock; the run continues from it, as it would have
+    entries = _entries(out)
+    if not entries <= _EARLY_FILES:
+        raise DistillError(f"--out {out} was written by another run while this one was loading "
+                           f"({', '.join(sorted(entries - _EARLY_FILES))}): choose another --out, or pass --resume "
+                           f"to continue the run in it")
 
 
 def _agree(error: Exception | None) -> None:
@@ -521,7 +556,8 @@ def steps(run: Run) -> None:
                             record["levels"] = len(run.synthetic.parameters())
                         run.metrics.append(record)
                         if run.main:
-                            append_metric(metrics_path, record)
+                            with run.writes():
+                                append_metric(metrics_path, record)
                         if index % cfg.checkpoint_every == 0 or index == cfg.steps:
                             run.save_checkpoint(index)
                     probes = [m for m in run.members if m.probe is not None]
@@ -536,7 +572,9 @@ def steps(run: Run) -> None:
                         if len(by_backbone) > 1:
                             probed["probe_top1_by_backbone"] = by_backbone
                         run.metrics.append(probed)
-                        append_metric(metrics_path, probed)
+                        if run.main:
+                            with run.writes():
+                                append_metric(metrics_path, probed)
                         bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
                 except KeyboardInterrupt:
                     if index != run.last_saved:
@@ -620,13 +658,14 @@ def finish(run: Run) -> DistillResult:
                                "recipe": PROBE_NOTE}
     class_names = run.store.class_names
     if run.main:
-        write_imagefolder(run.out / "images", images, labels, class_names)
-        atomic_write_json(run.out / "config.json", run.config)
-        save_safetensors(run.out / "distilled.safetensors", images, labels, class_names, run.config)
-        save_grid(run.out / "grid.png", images, labels, class_names)
-        save_loss_plot(run.out / "loss.png", run.metrics,
-                       f"{run.cfg.method} {' + '.join(m.name for m in run.members)} ipc={run.cfg.ipc} "
-                       f"({run.store.dataset})")
+        with run.writes():
+            write_imagefolder(run.out / "images", images, labels, class_names)
+            atomic_write_json(run.out / "config.json", run.config)
+            save_safetensors(run.out / "distilled.safetensors", images, labels, class_names, run.config)
+            save_grid(run.out / "grid.png", images, labels, class_names)
+            save_loss_plot(run.out / "loss.png", run.metrics,
+                           f"{run.cfg.method} {' + '.join(m.name for m in run.members)} ipc={run.cfg.ipc} "
+                           f"({run.store.dataset})")
     return DistillResult(out=run.out, images=images, labels=labels, class_names=class_names,
                          losses=[m["loss"] for m in run.metrics if "loss" in m], steps_done=index,
                          resumed_from=run.start_step if run.resumed else None, config=run.config,
