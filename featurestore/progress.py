@@ -30,10 +30,10 @@ class LineProgress:
     """tqdm's small interface (`update`, `set_postfix`, `close`, context manager) as plain lines."""
 
     def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0, file: TextIO | None = None,
-                 interval: float = LINE_INTERVAL_S) -> None:
+                 interval: float | None = None) -> None:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.file = file if file is not None else sys.stderr
-        self.interval = interval
+        self.interval = LINE_INTERVAL_S if interval is None else interval  # read now, not at import
         self.start_n = initial
         self.start = self.last = time.monotonic()
         self.postfix = ""

@@ -338,14 +338,16 @@ def test_eval_without_out_keeps_each_sets_results(store, tmp_path):
 
 def test_progress_in_a_log_is_lines_not_redraws(store, tmp_path, monkeypatch):
     """Before: a log of `make demo > log` was mostly carriage-return frames of progress bars."""
-    monkeypatch.setenv("PROBE_DISTILL_PROGRESS_INTERVAL", "0")
     import featurestore.progress as progress_module
 
-    monkeypatch.setattr(progress_module, "LINE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "LINE_INTERVAL_S", 0.0)  # a line at every update
     result = _cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(tmp_path / "run"),
                   "--steps", "7", "--augs", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("distill lgm: ")]
+    assert [line.split(" step")[0] for line in lines[:7]] == [f"distill lgm: {k}/7" for k in range(1, 8)]
+    assert "ETA" in lines[0] and ("step/s" in lines[0] or "s/step" in lines[0])
     assert "distill lgm: 7/7 step (100%)" in result.output
 
 
