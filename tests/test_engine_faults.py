@@ -164,6 +164,25 @@ def test_resume_refuses_a_store_rebuilt_from_other_images(tmp_path):
         distill(_config(path, out, steps=8, resume=True))
 
 
+def test_resume_refuses_a_store_of_as_many_other_images(tmp_path):
+    """The same row count and labels, other images (other sample ids): a check of the row count alone would
+    let this checkpoint continue on a different dataset."""
+    import shutil
+
+    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
+    path = tmp_path / "fs"
+    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    out = tmp_path / "run"
+    distill(_config(path, out, steps=7, grow_every=1))
+    for image in sorted(root.glob("train/*/*.png")):
+        image.rename(image.with_name(image.name.replace("img", "other")))
+    shutil.rmtree(path)
+    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    assert FeatureStore.open(path).split(BACKBONE, "train").n == 6
+    with pytest.raises(DistillError, match="changed since the checkpoint"):
+        distill(_config(path, out, steps=8, resume=True))
+
+
 # ----------------------------------------------------------------------------------------------------
 # real images found by sample id
 
