@@ -205,8 +205,8 @@ def write_report(work: Path, dataset: str, store: Path, args: argparse.Namespace
     md = [
         "# probe-distill demo report", "",
         f"Dataset **{dataset}** ({args.limit_per_class} images per class per split), backbones "
-        f"{', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px, one image per class distilled from "
-        f"noise with the defaults of `engine distill` but `--steps {args.steps} --augs {args.augs}` (a CPU "
+        f"{', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px, one image per class distilled "
+        f"with the defaults of `engine distill` (from grey images: --init zero) but `--steps {args.steps} --augs {args.augs}` (a CPU "
         f"budget; the authors run 5000 steps with 10 copies): LGM and CLP on `{DISTILL_BACKBONE}`, and LGM on both "
         f"backbones at once. Store: `{store}`. The last column of the table is the mean over the backbones a "
         "set was not distilled on (transfer).", fallback,
