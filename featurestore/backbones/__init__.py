@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import BackboneError, one_line
+from ..errors import BackboneError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 TF_LITE_MEAN = (127 / 255, 127 / 255, 127 / 255)  # (x - 127) / 128 on 0-255 pixels

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BackboneError
+from ..errors import BackboneError
 
 ONNX_FILE = "open-nsfw.onnx"
 # (blocks, bottleneck width, output width, stride of the stage's first block)
