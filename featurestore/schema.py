@@ -22,7 +22,12 @@ Layout (schema version 1; the README documents it as a public format)::
           unit_outer              float64 [U, C, D, D]  (only with --full-cov)
           unit_skipped            string [U]: JSON list of [row, reason] for the unit's skipped samples
           unit_colour             uint8 [U]: 1 when the unit held a colour image (R, G, B not all
-                                  equal); absent in stores built before colour was recorded
+                                  equal), else 0; fill 255 = missing (stores built before 2026-12-06
+                                  filled 0); absent in stores built before colour was recorded
+
+unit_sum / unit_sqsum / unit_outer fill with 0 and store only the classes a unit saw (one chunk per unit
+and class: NaN-filling them would store U x C chunks). A deleted chunk of a class the unit saw therefore
+reads as 0; `StoreSplit.verify` catches it by recomputing every unit's partial sums from its features.
 
 Split-group attributes: `backbone` (Backbone.describe(): spec, fingerprint, normalization, resolution,
 weights path), `transform`, `num_images`, `num_classes`, `dim`, `views`, `dtype`, `chunk_rows`,
@@ -61,6 +66,7 @@ UNIT_SQSUM = "unit_sqsum"
 UNIT_OUTER = "unit_outer"
 UNIT_SKIPPED = "unit_skipped"
 UNIT_COLOUR = "unit_colour"
+UNIT_COLOUR_MISSING = 255  # unit_colour's fill value: a chunk lost on disk, never a written value
 
 SKIPPED_LABEL = -1
 
@@ -191,7 +197,8 @@ def array_specs(attrs: dict[str, Any], num_classes: int) -> dict[str, dict[str, 
         UNIT_SKIPPED: dict(shape=(u,), chunks=(1,), dtype=str, fill_value=""),
         # 1 when a unit held at least one colour image (R, G, B not all equal): a split of only grey images
         # is recorded as `greyscale`, and the engine can keep its synthetic images grey too.
-        UNIT_COLOUR: dict(shape=(u,), chunks=(1,), dtype="uint8", fill_value=0),
+        # Filled with UNIT_COLOUR_MISSING so that a grey unit's 0 is stored and a lost chunk is seen.
+        UNIT_COLOUR: dict(shape=(u,), chunks=(1,), dtype="uint8", fill_value=UNIT_COLOUR_MISSING),
         CLASS_COUNT: dict(shape=(c,), chunks=(c,), dtype="int64", fill_value=-1),
         CLASS_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),
         CLASS_SQ_MEAN: dict(shape=(c, d), chunks=(c, d), dtype="float32", fill_value=np.nan),

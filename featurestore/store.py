@@ -25,8 +25,8 @@ import zarr.storage
 from .errors import StoreError, one_line
 from .runtime import tool_version
 from .schema import (CLASS_COUNT, CLASS_MEAN, CLASS_SECOND_MOMENT, CLASS_SQ_MEAN, FEATURES, LABELS, SAMPLE_IDS,
-                     SCHEMA_VERSION, SKIPPED_LABEL, UNIT_COUNT, UNIT_DONE, UNIT_OUTER, UNIT_SKIPPED, UNIT_SQSUM,
-                     UNIT_SUM, array_specs, rebuild_command, unit_rows)
+                     SCHEMA_VERSION, SKIPPED_LABEL, UNIT_COLOUR, UNIT_COLOUR_MISSING, UNIT_COUNT, UNIT_DONE,
+                     UNIT_OUTER, UNIT_SKIPPED, UNIT_SQSUM, UNIT_SUM, array_specs, rebuild_command, unit_rows)
 
 # ----------------------------------------------------------------------------------------------------
 # Where a store lives: a local folder (zarr LocalStore) or any fsspec URL (zarr FsspecStore)
@@ -242,6 +242,57 @@ class _Bad(Exception):
         super().__init__(f"{array}: {what}")
         self.array = array
         self.what = what
+
+
+def _check_unit_partials(partials: dict[str, np.ndarray], view0: np.ndarray, labels: np.ndarray,
+                         present: np.ndarray, dtype: np.dtype) -> None:
+    """A unit's stored partial sums must be those of its stored view-0 features. The build summed the
+    float32 backbone output before the cast to the storage dtype, so the two differ by that cast's
+    rounding: at most eps/2 of each |x| per row (eps of the storage dtype; for fp32 storage only the
+    float64 summation order), plus a subnormal's step per row. Twice that is the bound; a lost chunk
+    (read as 0) or features rewritten with valid checksums are far outside it."""
+    info = np.finfo(dtype) if np.dtype(dtype).kind == "f" else np.finfo(np.float32)
+    eps, floor = float(info.eps), float(info.smallest_subnormal)
+    x = view0.astype(np.float64)
+    for j, c in enumerate(present):
+        rows = x[labels == c]
+        absx = np.abs(rows)
+        recomputed = {UNIT_SUM: (rows.sum(axis=0), absx.sum(axis=0)),
+                      UNIT_SQSUM: ((rows * rows).sum(axis=0), 2 * (absx * absx).sum(axis=0)),
+                      UNIT_OUTER: (rows.T @ rows, 2 * absx.T @ absx)}
+        for name, stored in partials.items():
+            want, scale = recomputed[name]
+            diff = np.abs(stored[j] - want)
+            bound = 2 * (eps * scale + len(rows) * floor)
+            if (diff > bound).any():
+                if not stored[j].any():
+                    raise _Bad(name, f"class {int(c)} missing: a lost chunk reads as 0, the unit's features "
+                                     f"of that class do not sum to 0")
+                raise _Bad(FEATURES, f"disagree with the unit's partial sums ({name}, class {int(c)}, "
+                                     f"max abs diff {float(diff.max()):.3g}): features or {name} changed "
+                                     f"since the build")
+
+
+_CLASS_STATISTIC_PARTIAL = {CLASS_MEAN: UNIT_SUM, CLASS_SQ_MEAN: UNIT_SQSUM, CLASS_SECOND_MOMENT: UNIT_OUTER}
+
+
+def _check_class_statistic(name: str, values: np.ndarray, merged: dict[str, np.ndarray],
+                           counts: np.ndarray) -> None:
+    """A class statistic must be the merged unit sums over the class count, cast to float32 (what the
+    build's finalize writes): within the float32 cast's rounding, eps32 of the class's largest value."""
+    partial = _CLASS_STATISTIC_PARTIAL[name]
+    if partial not in merged:
+        return
+    denom = np.maximum(counts, 1).astype(np.float64).reshape((-1,) + (1,) * (values.ndim - 1))
+    want = merged[partial] / denom
+    diff = np.abs(values.astype(np.float64) - want)
+    axes = tuple(range(1, values.ndim))
+    bound = float(np.finfo(np.float32).eps) * np.abs(want).max(axis=axes, keepdims=True) + 1e-30
+    bad = (diff > bound).any(axis=axes)
+    if bad.any():
+        c = int(np.flatnonzero(bad)[0])
+        raise _Bad(name, f"disagrees with the units' partial sums (class {c}, max abs diff "
+                         f"{float(diff[c].max()):.3g})")
 
 
 class StoreSplit:
@@ -494,8 +545,10 @@ class StoreSplit:
         """Every check a read makes, on every row, view and array: each unit's completion marker, every
         chunk decodes (checksum), features finite where a row holds an image, labels in range and -1
         exactly on the rows the unit's skipped list names, sample ids present, the unit's partial
-        statistics decodable, finite and consistent with its labels; then the class statistics present,
-        finite and equal to the merged unit counts. Reads everything; writes nothing. A damaged unit is
+        statistics decodable, finite, consistent with its labels and equal to the sums recomputed from its
+        stored features (a lost unit_sum chunk reads as 0, features rewritten with valid checksums
+        change the sums), its unit_colour present; then the class statistics present, finite and equal
+        to the merged unit counts and sums. Reads everything; writes nothing. A damaged unit is
         reported once (its first failed check)."""
         def whole(what: str, repairable: bool = False) -> Damage:
             return Damage(self.backbone, self.split_name, what, repairable=repairable)
@@ -503,6 +556,8 @@ class StoreSplit:
         try:
             n, r, u = self.n, int(self.attrs["chunk_rows"]), int(self.attrs["num_units"])
             specs = array_specs(self.attrs, self.store.num_classes)
+            if UNIT_COLOUR not in self.group:  # stores built before colour was recorded
+                specs.pop(UNIT_COLOUR)
             arrays = {name: self._array(name) for name in specs}
         except StoreError as exc:
             return [whole(str(exc).split(": ", 1)[-1])]
@@ -518,6 +573,10 @@ class StoreSplit:
         damages: list[Damage] = []
         total_counts = np.zeros(c, dtype=np.int64)
         total_skipped = 0
+        merged = {name: np.zeros((c, *arrays[name].shape[2:])) for name in (UNIT_SUM, UNIT_SQSUM, UNIT_OUTER)
+                  if name in arrays}
+        # Stores from before unit_colour had a 'missing' fill value read a lost chunk as a plausible 0.
+        colour_checked = UNIT_COLOUR in arrays and arrays[UNIT_COLOUR].fill_value == UNIT_COLOUR_MISSING
 
         def read(name: str, selection: Any) -> np.ndarray:
             try:
@@ -558,16 +617,17 @@ class StoreSplit:
                     raise _Bad(UNIT_COUNT, "per-class counts disagree with the labels")
                 present = np.flatnonzero(counts)
                 if len(present):
-                    partials = [(UNIT_SUM, (k, present, slice(None))), (UNIT_SQSUM, (k, present, slice(None)))]
-                    if UNIT_OUTER in arrays:
-                        partials.append((UNIT_OUTER, (k, present, slice(None), slice(None))))
-                    for name, selection in partials:
-                        try:
-                            values = arrays[name].get_orthogonal_selection(selection)
-                        except Exception as exc:  # noqa: BLE001 - see read()
-                            raise _Bad(name, describe_read_error(exc)) from None
-                        if not np.isfinite(values).all():
-                            raise _Bad(name, "non-finite partial sums")
+                    view0 = features[valid] if features.ndim == 2 else features[valid][:, 0]
+                    partials = {name: self._unit_partials(arrays[name], k, present) for name in merged}
+                    _check_unit_partials(partials, view0, labels[valid], present, features.dtype)
+                    for name, values in partials.items():
+                        merged[name][present] += values
+                if colour_checked:
+                    colour = int(read(UNIT_COLOUR, k))
+                    if colour == UNIT_COLOUR_MISSING:
+                        raise _Bad(UNIT_COLOUR, "missing (a missing chunk)")
+                    if colour not in (0, 1):
+                        raise _Bad(UNIT_COLOUR, f"value {colour}, expected 0 or 1")
                 total_counts += counts
                 total_skipped += len(listed)
             except _Bad as bad:
@@ -582,12 +642,25 @@ class StoreSplit:
                     raise _Bad(name, "missing or invalid values (a missing chunk?)")
                 if name == CLASS_COUNT and not damages and not np.array_equal(values, total_counts):
                     raise _Bad(name, "disagrees with the units' counts")
+                if name != CLASS_COUNT and not damages:
+                    _check_class_statistic(name, values, merged, total_counts)
             if not damages and int(self.attrs.get("num_skipped", total_skipped)) != total_skipped:
                 raise _Bad("attribute num_skipped", f"says {self.attrs.get('num_skipped')}, the units list "
                                                     f"{total_skipped}")
         except _Bad as bad:
             damages.append(whole(f"class statistics: {bad}", repairable=True))
         return damages
+
+    def _unit_partials(self, array: zarr.Array, unit: int, present: np.ndarray) -> np.ndarray:
+        """The stored partial sums of one unit for the classes it saw (float64)."""
+        selection = (unit, present) + (slice(None),) * (array.ndim - 2)
+        try:
+            values = np.asarray(array.get_orthogonal_selection(selection), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - codec errors come in several types
+            raise _Bad(array.basename, describe_read_error(exc)) from None
+        if not np.isfinite(values).all():
+            raise _Bad(array.basename, "non-finite partial sums")
+        return values
 
     def open_backbone(self, device: str | torch.device = "cpu", weights: str | None = None):
         """The backbone that produced this split: same registry name and image size, the `weights` given,

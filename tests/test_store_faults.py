@@ -525,3 +525,74 @@ def test_build_progress_in_a_log_has_no_carriage_returns(tmp_path):
     text = log.read_bytes()
     assert b"\r" not in text
     assert b"test-cnn/train: 40/40 img (100%)" in text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 20: statistics that cannot be silently wrong
+
+
+def _present_class(store: Path, unit: int) -> int:
+    counts = zarr.open_array(str(store / SPLIT / schema.UNIT_COUNT), mode="r")[unit]
+    return int(np.flatnonzero(counts)[0])
+
+
+def _damaged_lines(store: Path) -> list[str]:
+    result = run("verify", "--store", store)
+    assert result.exit_code == 1, result.output
+    return [line for line in result.stdout.splitlines() if line.startswith("damaged: ")]
+
+
+@pytest.mark.parametrize("array", [schema.UNIT_SUM, schema.UNIT_SQSUM, schema.UNIT_COLOUR])
+def test_a_deleted_statistics_partial_is_damage_and_repair_merges_right(clean_store, store_copy, array):
+    """Issue 20, defect 1: unit_sum / unit_sqsum / unit_colour had fill value 0, so a deleted chunk read as
+    a plausible 0: `fs verify` said intact, and a --repair of another unit merged class statistics
+    without that unit's sums (class_mean off by up to 0.035 on 0.10) which verify still called intact.
+    Now a unit's partial sums are recomputed from its features, unit_colour's fill means 'missing', and
+    the repair recomputes the unit whose partial was lost: the store is the clean one bit for bit."""
+    if array == schema.UNIT_COLOUR:
+        path = store_copy / SPLIT / array / "c" / "1"
+    else:
+        path = store_copy / SPLIT / array / "c" / "1" / str(_present_class(store_copy, 1)) / "0"
+    path.unlink()
+    chunk(store_copy, "features", 0).unlink()  # and another unit's damage, repaired with it
+    damaged = _damaged_lines(store_copy)
+    assert damaged[0].startswith("damaged: test-cnn/train unit 0 (rows 0-15): features:")
+    assert damaged[1].startswith(f"damaged: test-cnn/train unit 1 (rows 16-31): {array}:"), damaged
+    command = next(line for line in run("verify", "--store", store_copy).stdout.splitlines()
+                   if "repair with: " in line).split("repair with: ", 1)[1].split()
+    repaired = run(*command[1:], "--batch-size", "8", "--workers", "0", "--quiet")
+    assert repaired.exit_code == 0, repaired.output
+    assert "repaired: 2 damaged unit(s) (0, 1) recomputed" in repaired.stdout
+    assert_groups_identical(clean_store, store_copy, "test-cnn", "train")
+    assert run("verify", "--store", store_copy).exit_code == 0
+
+
+def test_verify_recomputes_class_statistics_from_the_unit_sums(store_copy):
+    """Issue 20, defect 1: class_mean rewritten with valid checksums (0.035 added to one value) was
+    'intact' for verify, which only checked that the statistics were finite."""
+    means = zarr.open_array(str(store_copy / SPLIT / schema.CLASS_MEAN), mode="r+")
+    values = means[:]
+    values[3, 5] += 0.035
+    means[:] = values
+    damaged = _damaged_lines(store_copy)
+    assert damaged == ["damaged: test-cnn/train: class statistics: class_mean: disagrees with the units' "
+                       "partial sums (class 3, max abs diff 0.035)"]
+
+
+def test_verify_checks_features_against_the_unit_sums(clean_store, store_copy, tmp_path):
+    """Issue 20, defect 11: every feature set to 60000 with the checksums recomputed (written through
+    zarr) passed verify, distill and eval. The per-unit sums, computed at build from the backbone's
+    output, now have to match the stored features (within the storage dtype's rounding)."""
+    features = zarr.open_array(str(store_copy / SPLIT / schema.FEATURES), mode="r+")
+    features[:] = np.full(features.shape, 60000, dtype=features.dtype)
+    damaged = _damaged_lines(store_copy)
+    assert len(damaged) == 3 and all(": features: disagree with the unit's partial sums (unit_sum" in line
+                                     for line in damaged), damaged
+    # One value of one row changed by 0.05: far less than the values' spread, far more than fp16 rounding.
+    nudged = tmp_path / "nudged"
+    shutil.copytree(clean_store, nudged, ignore=shutil.ignore_patterns(".locks"))
+    features = zarr.open_array(str(nudged / SPLIT / schema.FEATURES), mode="r+")
+    features[33, 7] = features[33, 7] + np.float16(0.05)
+    assert _damaged_lines(nudged) == [
+        "damaged: test-cnn/train unit 2 (rows 32-39): features: disagree with the unit's partial sums "
+        "(unit_sum, class 8, max abs diff 0.05): features or unit_sum changed since the build"]
