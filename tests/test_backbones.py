@@ -340,6 +340,19 @@ def test_weights_status_never_touches_the_network(monkeypatch):
     assert weights_status(get_spec("mocov3-vitb16"))[0] is False
 
 
+def test_every_spec_has_its_loader_and_each_loader_its_module():
+    """One loader object per `BackboneSpec.loader` kind, in `featurestore/backbones/<kind>_loader.py`:
+    building and `weights_status` cannot disagree about a kind, and a newcomer finds it by its name."""
+    from featurestore.backbones import LOADERS, Loader
+
+    assert {spec.loader for spec in list_backbones()} <= set(LOADERS)
+    package = REPO_ROOT / "featurestore" / "backbones"
+    assert {path.stem for path in package.glob("*_loader.py")} == {f"{kind}_loader" for kind in LOADERS}
+    for kind, loader in LOADERS.items():
+        assert isinstance(loader, Loader) and loader.name == kind
+        assert type(loader).__module__ == f"featurestore.backbones.{kind}_loader"
+
+
 def test_weights_status_finds_a_prefilled_hf_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
