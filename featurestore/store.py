@@ -9,6 +9,7 @@ the backend package, e.g. s3fs, is an optional dependency): see `StoreLocation`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import torch
 import zarr
 import zarr.abc.store
 import zarr.storage
+from zarr.codecs import Crc32cCodec
 
 from .errors import StoreError, one_line
 from .runtime import tool_version
@@ -244,6 +246,27 @@ class _Bad(Exception):
         self.what = what
 
 
+def _chunk_tails(array: zarr.Array) -> list[bytes]:
+    """The last 4 bytes (the CRC32C) of every chunk of `array`, in chunk order; b"" for an absent chunk."""
+    import asyncio
+
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    prototype = default_buffer_prototype()
+
+    async def tail(coords: tuple[int, ...]) -> bytes:
+        buffer = await (array.store_path / array.metadata.encode_chunk_key(coords)).get(
+            prototype=prototype, byte_range=SuffixByteRequest(4))
+        return b"" if buffer is None else buffer.to_bytes()
+
+    async def tails() -> list[bytes]:
+        return list(await asyncio.gather(*(tail(c) for c in np.ndindex(*array.cdata_shape))))
+
+    return sync(tails())
+
+
 def _check_unit_partials(partials: dict[str, np.ndarray], view0: np.ndarray, labels: np.ndarray,
                          present: np.ndarray, dtype: np.dtype) -> None:
     """A unit's stored partial sums must be those of its stored view-0 features. The build summed the
@@ -310,6 +333,7 @@ class StoreSplit:
         self.split_name = split
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._content_digest: str | None = None
 
     def __repr__(self) -> str:
         return (f"StoreSplit({self.backbone}/{self.split_name}: n={self.n}, dim={self.dim}, "
@@ -539,6 +563,28 @@ class StoreSplit:
             raise StoreError(f"{self.backbone}/{self.split_name} has no full second moments: rebuild it "
                              f"with --full-cov (into a new store, or after deleting that group)")
         return self._class_statistic(CLASS_SECOND_MOMENT, np.float32)
+
+    def content_digest(self) -> str:
+        """A digest of the stored features and labels: in checksummed stores, of every chunk's CRC32C (the
+        last 4 bytes of each chunk, which every read checks against the chunk's bytes, so what a read
+        returns is what was digested) - 4 bytes read per chunk; in older stores, of the arrays' bytes.
+        A split rebuilt from other pixels under the same sample ids has another digest. Computed once per
+        StoreSplit (a run records the content it started on)."""
+        if self._content_digest is not None:
+            return self._content_digest
+        digest = hashlib.sha256()
+        for name in (FEATURES, LABELS):
+            array = self._array(name)
+            digest.update(f"{name} {array.shape} {array.dtype}".encode())
+            if isinstance(array.metadata.codecs[-1], Crc32cCodec):  # the CRC is each chunk's tail
+                digest.update(b"".join(_chunk_tails(array)))
+            else:  # no checksums: the bytes themselves, chunk by chunk
+                chunk = int(array.chunks[0])
+                for start in range(0, array.shape[0], chunk):
+                    digest.update(np.ascontiguousarray(self._read(name, slice(start, start + chunk),
+                                                                  start // chunk, array)).tobytes())
+        self._content_digest = digest.hexdigest()[:32]
+        return self._content_digest
 
     # --- full check
     def verify(self) -> list[Damage]:

@@ -183,6 +183,25 @@ def test_resume_refuses_a_store_of_as_many_other_images(tmp_path):
         distill(_config(path, out, steps=8, resume=True))
 
 
+def test_resume_refuses_a_store_rebuilt_from_other_pixels_under_the_same_names(tmp_path):
+    """Issue 20, defect 2: the run identity was the sample ids and labels only, so a store rebuilt at the
+    same path from the same file names with other pixels was resumed, mixing two datasets. A digest of
+    the stored features (their chunk checksums, which every read checks) is now part of it."""
+    import shutil
+
+    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
+    path = tmp_path / "fs"
+    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    out = tmp_path / "run"
+    distill(_config(path, out, steps=7, grow_every=1))
+    for image in sorted(root.glob("train/*/*.png")):
+        Image.new("RGB", (40, 40), (0, 200, 0)).save(image)
+    shutil.rmtree(path)
+    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    with pytest.raises(DistillError, match="changed since the checkpoint"):
+        distill(_config(path, out, steps=8, resume=True))
+
+
 # ----------------------------------------------------------------------------------------------------
 # real images found by sample id
 

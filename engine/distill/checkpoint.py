@@ -5,7 +5,8 @@ A checkpoint holds only tensors and plain data (numbers, strings, lists, dicts) 
 `torch.load(weights_only=True)`, whose unpickler refuses anything else: a crafted file cannot run code.
 It resumes only a run that agrees on every option that defines the optimization problem (`RESUME_KEYS`,
 the objective's options) and on the content of the store (fingerprint of the backbone, identity of the
-samples): a store rebuilt at the same path from other images is refused. The learning rate may change
+samples, a digest of the stored features): a store rebuilt at the same path from other images, or
+from other pixels under the same file names, is refused. The learning rate may change
 on resume (the way out of a diverged run); the change is recorded."""
 
 from __future__ import annotations
@@ -37,9 +38,19 @@ def store_id(store: str) -> str:
 
 
 def store_content(split) -> dict[str, Any]:
-    """What the store held for this run: the backbone's fingerprint and the identity of the samples."""
+    """What the store held for this run: the backbone's fingerprint, the identity of the samples and a
+    digest of the stored features and labels (so other pixels under the same sample ids differ)."""
     return {"fingerprint": split.fingerprint, "samples_digest": split.attrs.get("samples_digest"),
-            "rows": split.n, "num_classes": split.store.num_classes}
+            "rows": split.n, "num_classes": split.store.num_classes, "content_digest": split.content_digest()}
+
+
+def _same_store_content(saved: Any, ours: list[dict[str, Any]]) -> bool:
+    """Checkpoints written before the content digest existed are compared on what they recorded."""
+    if not isinstance(saved, list) or len(saved) != len(ours):
+        return False
+    return all(isinstance(s, dict) and s == ({k: v for k, v in o.items() if k != "content_digest"}
+                                             if "content_digest" not in s else o)
+               for s, o in zip(saved, ours))
 
 
 def run_identity(cfg: DistillConfig, splits: list, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +107,8 @@ def load_checkpoint(out: Path, cfg: DistillConfig, splits: list, resolved: dict[
     state = read_checkpoint(out)
     saved = state["run"]
     ours = run_identity(cfg, splits, resolved)
-    if saved.get("backbone") == ours["backbone"] and saved.get("store_content") != ours["store_content"]:
+    if saved.get("backbone") == ours["backbone"] and not _same_store_content(saved.get("store_content"),
+                                                                            ours["store_content"]):
         raise DistillError(f"--resume: the store at {cfg.store} changed since the checkpoint in {out} was made "
                            f"(it was {saved.get('store_content')}, it is now {ours['store_content']}): the run "
                            f"cannot continue on other data; start a new run in another --out")
