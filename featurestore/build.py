@@ -518,7 +518,8 @@ def _prepare(cfg: BuildConfig, location: StoreLocation, device: torch.device, is
                 wanted[name]["chunk_rows"] = attrs["chunk_rows"]
                 wanted[name]["num_units"] = attrs["num_units"]
             schema.check_split_compatible(f"{location} {bb_name}/{name}", attrs, wanted[name],
-                                           cfg.chunk_rows is not None)
+                                           cfg.chunk_rows is not None,
+                                           will_write=cfg.repair or not attrs.get("complete", False))
             if cfg.repair and is_main:
                 assert store is not None
                 damages = StoreSplit(store, bb_name, name, group).verify()

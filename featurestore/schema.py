@@ -124,6 +124,7 @@ def split_attrs(ds: ImageDataset, backbone: Backbone, *, views: int, dtype: str,
         "full_cov": full_cov,
         "seed": seed,
         "samples_digest": samples_digest(ds),
+        "source_digest": ds.source_digest(),
         "empty_classes": ds.empty_classes,
         "class_statistics": "over view 0, from the float32 backbone output before the cast to dtype, "
                             "accumulated in float64 per unit and merged by addition in unit order",
@@ -143,8 +144,9 @@ def check_backbone_compatible(where: str, old_bb: dict[str, Any], new_bb: dict[s
 
 
 def check_split_compatible(where: str, existing: dict[str, Any], wanted: dict[str, Any],
-                            chunk_rows_explicit: bool) -> None:
-    """Refuse (StoreError, nothing written) to continue a split built with different settings."""
+                            chunk_rows_explicit: bool, will_write: bool = True) -> None:
+    """Refuse (StoreError, nothing written) to continue a split built with different settings, or (when
+    the build will write into it: resume, repair) from source images that changed since it was started."""
     check_backbone_compatible(where, existing["backbone"], wanted["backbone"])
     checks = [("views", "--views"), ("dtype", "--dtype"), ("full_cov", "--full-cov")]
     if wanted["views"] > 1:
@@ -167,6 +169,12 @@ def check_split_compatible(where: str, existing: dict[str, Any], wanted: dict[st
         raise StoreError(f"{where} holds {existing['num_images']} samples but the dataset now lists "
                          f"{wanted['num_images']} (or different files): the source images changed since "
                          f"the store was built; use another --store")
+    old_source, new_source = existing.get("source_digest"), wanted.get("source_digest")
+    if will_write and old_source is not None and old_source != new_source:
+        raise StoreError(f"the source images of {where} changed since the split was started (same file "
+                         f"names, other sizes or modification times): its features so far come from the old "
+                         f"images; delete {where.split(' ')[-1]} in the store (or use another --store) and build "
+                         f"again")
 
 
 def checksum_codecs() -> list[Any]:

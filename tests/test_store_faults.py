@@ -596,3 +596,39 @@ def test_verify_checks_features_against_the_unit_sums(clean_store, store_copy, t
     assert _damaged_lines(nudged) == [
         "damaged: test-cnn/train unit 2 (rows 32-39): features: disagree with the unit's partial sums "
         "(unit_sum, class 8, max abs diff 0.05): features or unit_sum changed since the build"]
+
+
+def test_resuming_a_build_after_the_images_changed_is_refused(tmp_path, monkeypatch, dir_digest):
+    """Issue 20, defect 2: a half-built split resumed after its files were re-pixelled (same names, same
+    labels) mixed old and new features, and verify called the result intact. The split records a
+    digest of its source files (size and modification time of each); a build that would write into the
+    split with other files is one line and changes nothing."""
+    import zarr.storage._local as local
+    from PIL import Image
+
+    root = _tiny_folder(tmp_path / "data", per_class=3)
+    store = tmp_path / "s"
+    args = ["build", "imagefolder", "--data-root", root, "--backbone", "test-cnn", "--split", "train",
+            "--chunk-rows", "3", "--batch-size", "3", "--workers", "0", "--quiet", "--store", store]
+    real_put = local._put
+
+    def full_disk(path, value, exclusive=False):
+        if "features/c/2" in Path(path).as_posix():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", full_disk)
+    one_line_error(run(*args), "No space left on device")
+    monkeypatch.undo()
+    image = root / "train" / "c" / "img0.png"
+    stat, original = image.stat(), image.read_bytes()
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    before = dir_digest(store)
+    one_line_error(run(*args), "source images of", "changed since the split was started", "delete")
+    assert dir_digest(store) == before
+    # The files as they were: the build resumes.
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    resumed = run(*args)
+    assert resumed.exit_code == 0 and "complete, 9 rows (3 computed now)" in resumed.stdout, resumed.output

@@ -3,6 +3,7 @@ the description of a dataset kind that the registry (`featurestore.datasets`) li
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -85,6 +86,11 @@ class ImageDataset:
     def _load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def source_digest(self) -> str | None:
+        """A digest of what the samples' pixels are read from, so that a resumed build can tell that the
+        images changed under the same sample ids; None where they cannot change (generated data)."""
+        return None
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, root={self.root!r}, split={self.split!r}, "
                 f"n={len(self)}, classes={self.num_classes})")
@@ -104,6 +110,18 @@ class FolderImageDataset(ImageDataset):
     def _load(self, index: int) -> Image.Image:
         return decode_image_file(os.path.join(self.root, self.sample_ids[index]))
 
+    def source_digest(self) -> str | None:
+        """Size and modification time (ns) of every file, hashed: one stat per file, no read. A file
+        rewritten in place changes both or at least its time; a missing file counts as changed."""
+        h = hashlib.sha256()
+        for sample_id in self.sample_ids:
+            try:
+                st = os.stat(os.path.join(self.root, sample_id))
+                h.update(f"{sample_id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{sample_id}\0missing\n".encode())
+        return h.hexdigest()[:16]
+
 
 class ArrayImageDataset(ImageDataset):
     """Images held in memory as uint8 [N, H, W] (grey) or [N, H, W, 3] (RGB) arrays."""
@@ -116,6 +134,10 @@ class ArrayImageDataset(ImageDataset):
 
     def _load(self, index: int) -> Image.Image:
         return Image.fromarray(self._images[index]).convert("RGB")
+
+    def source_digest(self) -> str | None:
+        """The pixels themselves, hashed (they are in memory)."""
+        return hashlib.sha256(np.ascontiguousarray(self._images).tobytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
