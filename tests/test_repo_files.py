@@ -93,3 +93,13 @@ def test_architecture_module_check_catches_stale_names():
     missing = [name for _, name, paths in _named_modules(stale) if not any(p.exists() for p in paths)]
     assert missing == ["featurestore/imgfocus.py", "featurestore.opennsfw", "backbones.py", "featurestore/distill/",
                        "loop.py", "nothere.py"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_demo_and_demo_full_targets_run_the_one_demo_script():
+    """`make demo` is the headline and `make demo-full` the same script with --full (no second pipeline)."""
+    result = subprocess.run(["make", "-n", "--no-print-directory", "demo", "demo-full"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if "demo.run" in line]
+    assert [line.split("-m demo.run")[1].strip() for line in commands] == ["", "--full"]
