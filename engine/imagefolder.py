@@ -26,14 +26,20 @@ from PIL import Image
 from torch import Tensor
 
 from featurestore.datasets import (IMAGE_EXTENSIONS, canonical_image, decode_image_file,
-                                   pil_to_float_tensor)
+                                   pil_to_float_tensor, read_image_size)
 from featurestore.errors import UserError
-from featurestore.runtime import temp_dir_beside
+from featurestore.runtime import free_memory, temp_dir_beside
 
 # The store's extensions except .gif, which image sets have never been read from (kept so behaviour is
 # unchanged; whether to read .gif here too is a separate decision).
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS - {".gif"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+\- ()\[\],]")
+
+# An image of a set is embedded at a backbone's resolution (a few hundred px); 4096 x 4096 leaves room
+# for any real photo while a few-KB PNG declaring 8000 x 8000 is refused from its header.
+MAX_SET_IMAGE_PIXELS = 4096 * 4096
+# The set is held as float32 at one common size: at most this, and a quarter of the available memory.
+MAX_SET_BYTES = 4 << 30
 
 
 # File systems refuse names over 255 bytes; a class name can be longer (ImageNet-21k glosses, captions used as
@@ -113,16 +119,22 @@ def write_imagefolder(out_dir: str | os.PathLike, images: Tensor, labels: Tensor
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """Every entry with an image suffix but folders: a dangling link, a FIFO or a device named x.png is
+    listed too, so that reading it fails with a line naming it instead of the set shrinking silently."""
     def order(p: Path):
         # Numeric names in numeric order (2.png before 10.png), others after, by name.
         return (0, int(p.stem), p.name) if p.stem.isdigit() else (1, 0, p.name)
 
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    return sorted((p for p in folder.iterdir() if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith(".")), key=order)
 
 
+def _set_bytes_limit() -> int:
+    return min(MAX_SET_BYTES, free_memory(torch.device("cpu")) // 4)
+
+
 def read_imagefolder(directory: str | os.PathLike, class_names: Sequence[str] | None = None,
-                     size: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
+                     size: int | None = None, max_bytes: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """Read `directory/<class folder>/<image>` -> (images float32 [N, 3, H, W] in [0, 1], labels int64 [N],
     class_names).
 
@@ -131,6 +143,11 @@ def read_imagefolder(directory: str | os.PathLike, class_names: Sequence[str] | 
     folder names are the classes. Images keep their pixels when all have one size; if sizes differ (or
     `size` is given), each is made a size x size square the canonical way (shorter side resized, bicubic,
     centre crop), size defaulting to the largest shorter side.
+
+    Bounded before any pixel is decoded (sizes from the headers): an image over MAX_SET_IMAGE_PIXELS,
+    or a set whose float32 tensor would exceed `max_bytes` (default: a quarter of the available memory,
+    at most MAX_SET_BYTES), is a UserError naming the file. A file that does not decode (a dangling link,
+    a device) and an empty class folder are UserErrors too.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -150,15 +167,30 @@ def read_imagefolder(directory: str | os.PathLike, class_names: Sequence[str] | 
             expected = ", ".join(class_folder_names(names)[:12]) + (", ..." if len(names) > 12 else "")
             raise UserError(f"{root}: folder(s) {', '.join(unknown[:5])} are not classes of this dataset "
                             f"(expected folder names: {expected})")
-    pils = []
-    labels = []
+    files: list[tuple[Path, int, tuple[int, int]]] = []  # (path, label, (width, height))
     for folder in folders:
-        for path in _image_files(folder):
+        listed = _image_files(folder)
+        if not listed:
+            raise UserError(f"{root}: class folder {folder.name} holds no images: remove it or add its images")
+        for path in listed:
             try:
-                pils.append(decode_image_file(path))
+                dims = read_image_size(path)
             except Exception as exc:  # noqa: BLE001 - CorruptImageError and OS errors alike
                 raise UserError(f"cannot read image {path}: {getattr(exc, 'reason', exc)}") from None
-            labels.append(index[folder.name])
+            if dims[0] * dims[1] > MAX_SET_IMAGE_PIXELS:
+                raise UserError(f"{path}: {dims[0]}x{dims[1]} pixels, more than the {MAX_SET_IMAGE_PIXELS} "
+                                f"(4096x4096) an image of a set may have: resize it")
+            files.append((path, index[folder.name], dims))
+    if files:
+        _check_set_memory(files, size, _set_bytes_limit() if max_bytes is None else max_bytes)
+    pils = []
+    labels = []
+    for path, label, _ in files:
+        try:
+            pils.append(decode_image_file(path, max_pixels=MAX_SET_IMAGE_PIXELS))
+        except Exception as exc:  # noqa: BLE001 - CorruptImageError and OS errors alike
+            raise UserError(f"cannot read image {path}: {getattr(exc, 'reason', exc)}") from None
+        labels.append(label)
     if not pils:
         return torch.zeros(0, 3, size or 1, size or 1), torch.zeros(0, dtype=torch.int64), names
     sizes = {p.size for p in pils}
@@ -168,3 +200,21 @@ def read_imagefolder(directory: str | os.PathLike, class_names: Sequence[str] | 
         target = size or max(min(p.size) for p in pils)
         images = torch.stack([canonical_image(p, target) for p in pils])
     return images, torch.tensor(labels, dtype=torch.int64), names
+
+
+def _check_set_memory(files: list[tuple[Path, int, tuple[int, int]]], size: int | None, max_bytes: int) -> None:
+    """The set as read_imagefolder will hold it (float32, one common size) must fit in max_bytes; the
+    line names the file that sets the size."""
+    dims = {d for _, _, d in files}
+    if size is None and len(dims) == 1 and next(iter(dims))[0] == next(iter(dims))[1]:
+        side, culprit = next(iter(dims))[0], files[0]
+    else:
+        culprit = max(files, key=lambda f: min(f[2]))
+        side = size or min(culprit[2])
+    need = len(files) * 3 * side * side * 4
+    if need > max_bytes:
+        path, _, (width, height) = culprit
+        raise UserError(f"{path} ({width}x{height}) would hold the set's {len(files)} images at {side}x{side} px: "
+                        f"{need / 2**30:.2f} GiB, more than the {max_bytes / 2**30:.2f} GiB a set may take (a "
+                        f"quarter of the available memory, at most {MAX_SET_BYTES >> 30} GiB): resize it to the "
+                        f"size of the set's other images")

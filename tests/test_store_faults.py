@@ -632,3 +632,15 @@ def test_resuming_a_build_after_the_images_changed_is_refused(tmp_path, monkeypa
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     resumed = run(*args)
     assert resumed.exit_code == 0 and "complete, 9 rows (3 computed now)" in resumed.stdout, resumed.output
+
+
+def test_an_image_above_the_decode_pixel_bound_is_skipped_from_its_header(tmp_path):
+    """Issue 20, defect 3: a PNG of a few KB declaring 9500x9500 pixels (90 MP, just above PIL's bomb
+    threshold, where PIL only warns) was decoded whole in each worker. Now refused from its header."""
+    from PIL import Image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9500, 9500)).save(path)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CorruptImageError, match=r"9500x9500 pixels, more than the 89478485 decoded per image"):
+        decode_image_file(path)

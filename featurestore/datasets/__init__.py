@@ -19,7 +19,7 @@ from featurestore.errors import DatasetError
 from . import fashion_mnist, folder, gratings
 from .base import SPLITS, ArrayImageDataset, DatasetReader, DatasetWarning, FolderImageDataset, ImageDataset
 from .decode import (IMAGE_EXTENSIONS, CorruptImageError, canonical_image, decode_image_file, describe_canonical,
-                     pil_to_float_tensor, to_rgb)
+                     pil_to_float_tensor, read_image_size, to_rgb)
 from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, read_idx
 
 _READERS: tuple[DatasetReader, ...] = (
@@ -67,5 +67,5 @@ def open_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
 
 __all__ = ["SPLITS", "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "ImageDataset",
            "FolderImageDataset", "ArrayImageDataset", "DatasetReader", "DatasetWarning", "CorruptImageError", "canonical_image",
-           "decode_image_file", "describe_canonical", "pil_to_float_tensor", "to_rgb", "read_idx",
+           "decode_image_file", "describe_canonical", "pil_to_float_tensor", "read_image_size", "to_rgb", "read_idx",
            "list_datasets", "get_reader", "canonical_name", "dataset_splits", "open_dataset"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import warnings
 
 import numpy as np
 import torch
@@ -81,16 +82,7 @@ _FILE_KINDS = ((stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"), (sta
 def _read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of `path` if it is a regular file of at most `limit` bytes, else CorruptImageError.
     Checked with stat before opening: opening a FIFO blocks forever, reading /dev/zero never ends."""
-    try:
-        info = os.stat(path)  # follows symlinks: the kind of what a link points to is what matters
-    except OSError as exc:
-        raise CorruptImageError(f"unreadable file: {one_line(exc, with_type=False)}") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special file")
-        raise CorruptImageError(f"not a regular file ({kind})")
-    if info.st_size > limit:
-        raise CorruptImageError(f"file too large ({info.st_size} bytes, more than the {limit >> 20} MiB "
-                                f"read per image)")
+    _check_regular_file(path, limit)
     try:
         # Reading the bytes first keeps no file handle open after decoding (PIL keeps multi-frame
         # files such as GIF/TIFF open lazily), which matters with thousands of files per worker.
@@ -103,21 +95,69 @@ def _read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     return data
 
 
-def decode_image_file(path: str | os.PathLike) -> Image.Image:
-    """Read and fully decode an image file to RGB; any failure raises `CorruptImageError(reason)`.
-    Only regular files of at most `MAX_IMAGE_FILE_BYTES` are read (FIFOs, devices and huge files are
-    refused without reading them)."""
-    data = _read_regular_file(path, MAX_IMAGE_FILE_BYTES)
-    if not data:
-        raise CorruptImageError("empty file (0 bytes)")
+def _check_regular_file(path: str | os.PathLike, limit: int) -> None:
+    """CorruptImageError unless `path` is a regular file of at most `limit` bytes (stat only)."""
     try:
-        image = Image.open(io.BytesIO(data))
+        info = os.stat(path)  # follows symlinks: the kind of what a link points to is what matters
+    except OSError as exc:
+        raise CorruptImageError(f"unreadable file: {one_line(exc, with_type=False)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special file")
+        raise CorruptImageError(f"not a regular file ({kind})")
+    if info.st_size > limit:
+        raise CorruptImageError(f"file too large ({info.st_size} bytes, more than the {limit >> 20} MiB "
+                                f"read per image)")
+
+
+# Largest image decoded (pixels), checked from the header before any pixel is decoded: PIL's own
+# decompression-bomb threshold (~89 MP, 0.25 GiB as RGB), which PIL itself only warns about below twice
+# that. A few-KB PNG can declare 8000x8000 or more; decoding it would take that memory in each worker.
+MAX_DECODE_PIXELS = 89_478_485
+
+
+def _open_header(data_or_path: "bytes | str | os.PathLike") -> Image.Image:
+    """PIL's lazy open: reads the header only (format, mode, size); CorruptImageError if unreadable."""
+    try:
+        with warnings.catch_warnings():  # the pixel bound is ours (_check_pixels): no second word from PIL
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path)
     except Image.UnidentifiedImageError:
         raise CorruptImageError("not an image (PIL cannot identify the format)") from None
     except Image.DecompressionBombError as exc:
         raise CorruptImageError(f"image too large to decode safely: {one_line(exc, with_type=False)}") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure on an untrusted file means "broken file"
         raise CorruptImageError(f"corrupt or truncated image header: {one_line(exc, with_type=False)}") from None
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise CorruptImageError(f"{width}x{height} pixels, more than the {max_pixels} decoded per image")
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding its pixels. The same checks
+    as `decode_image_file` before the open (regular file, size cap); CorruptImageError otherwise."""
+    _check_regular_file(path, MAX_IMAGE_FILE_BYTES)
+    if os.path.getsize(path) == 0:
+        raise CorruptImageError("empty file (0 bytes)")
+    try:
+        with _open_header(os.fspath(path)) as image:
+            return image.size
+    except OSError as exc:
+        raise CorruptImageError(f"unreadable file: {one_line(exc, with_type=False)}") from None
+
+
+def decode_image_file(path: str | os.PathLike, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """Read and fully decode an image file to RGB; any failure raises `CorruptImageError(reason)`.
+    Only regular files of at most `MAX_IMAGE_FILE_BYTES` are read (FIFOs, devices and huge files are
+    refused without reading them), and only images of at most `max_pixels` pixels are decoded (checked
+    on the header)."""
+    data = _read_regular_file(path, MAX_IMAGE_FILE_BYTES)
+    if not data:
+        raise CorruptImageError("empty file (0 bytes)")
+    image = _open_header(data)
+    _check_pixels(image, max_pixels)
     try:
         image.load()  # forces the full decode: truncated data raises here
     except Exception as exc:  # noqa: BLE001
