@@ -183,6 +183,20 @@ def test_resume_refuses_a_store_of_as_many_other_images(tmp_path):
         distill(_config(path, out, steps=8, resume=True))
 
 
+def test_steps_may_grow_on_resume_under_grow_every_auto(store, tmp_path):
+    """Issue 20, defect 5: extending a finished run with a larger --steps and --resume was refused under
+    --grow-every auto ("--grow-every 1 -> 2"), although the README says --steps may grow: the auto value
+    was derived from the new --steps. It is fixed at the run's start (recorded in the checkpoint and
+    config.json): the extension is the straight run with that schedule, bit for bit."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    first = distill(_config(store, out, steps=18, grow_every="auto", checkpoint_every=6))
+    extended = distill(_config(store, out, steps=36, grow_every="auto", checkpoint_every=6, resume=True))
+    assert json.loads((out / "config.json").read_text())["resolved"]["grow_every"] == 1
+    whole = distill(_config(store, straight, steps=36, grow_every=1, checkpoint_every=6))
+    assert first.steps_done == 18 and extended.steps_done == 36
+    assert torch.equal(extended.images, whole.images) and extended.losses == whole.losses
+
+
 def test_resume_refuses_a_store_rebuilt_from_other_pixels_under_the_same_names(tmp_path):
     """Issue 20, defect 2: the run identity was the sample ids and labels only, so a store rebuilt at the
     same path from the same file names with other pixels was resumed, mixing two datasets. A digest of

@@ -56,7 +56,8 @@ def _same_store_content(saved: Any, ours: list[dict[str, Any]]) -> bool:
 def run_identity(cfg: DistillConfig, splits: list, resolved: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed by `cfg` on `splits` (the real side of each backbone); the
     automatic options count by what they resolved to (`resolved`: grow_every, real_batch), so a resume
-    that would change them (other --steps with --grow-every auto, another device's budget) is refused."""
+    that would change them (another device's budget) is refused; --grow-every auto is taken from the
+    checkpoint on resume (the loop), so --steps may grow."""
     from dataclasses import asdict
 
     ident = {k: getattr(cfg, k) for k in RESUME_KEYS}
@@ -101,10 +102,11 @@ def read_checkpoint(out: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(out: Path, cfg: DistillConfig, splits: list, resolved: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint in `out`, checked against `cfg` and the store split it will run on; DistillError
-    (one line) when it cannot resume it."""
-    state = read_checkpoint(out)
+def load_checkpoint(out: Path, cfg: DistillConfig, splits: list, resolved: dict[str, Any],
+                    state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint in `out` (or `state`, already read from it), checked against `cfg` and the store
+    split it will run on; DistillError (one line) when it cannot resume it."""
+    state = read_checkpoint(out) if state is None else state
     saved = state["run"]
     ours = run_identity(cfg, splits, resolved)
     if saved.get("backbone") == ours["backbone"] and not _same_store_content(saved.get("store_content"),

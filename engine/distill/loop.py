@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
-from engine.distill.checkpoint import CHECKPOINT, load_checkpoint, run_identity, save_checkpoint, store_id
+from engine.distill.checkpoint import (CHECKPOINT, load_checkpoint, read_checkpoint, run_identity, save_checkpoint,
+                                      store_id)
 from engine.distill.config import (DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_grow_every,
                                    parse_real_batch, resolve_lr)
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
@@ -348,8 +349,16 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     num_classes = store.num_classes
     objective = get_objective(cfg.method, num_classes, **cfg.objective)
     resolution = splits[0].resize_size
+    # Read once, before anything heavy: a resume takes its automatic choices from the run's start.
+    saved_state = read_checkpoint(out) if resume else None
     grow_every = (auto_grow_every(resolution, cfg.steps) if parse_grow_every(cfg.grow_every) == "auto"
                   else int(cfg.grow_every))
+    saved_grow_every = saved_state["run"].get("grow_every") if saved_state is not None else None
+    if parse_grow_every(cfg.grow_every) == "auto" and isinstance(saved_grow_every, int) \
+            and not isinstance(saved_grow_every, bool) and saved_grow_every >= 1:
+        # --grow-every auto is fixed when a run starts (from its first --steps) and recorded: a resume
+        # with a larger --steps extends that schedule instead of changing it mid-run.
+        grow_every = saved_grow_every
     if cfg.param == "pyramid" and cfg.init != "real":
         problem = check_schedule(resolution, grow_every, cfg.steps)  # before anything is loaded
         if problem is not None:
@@ -365,7 +374,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     grey = cfg.colour == "grey" or (cfg.colour == "auto" and all(split.greyscale for split in splits))
     resolved = {"grow_every": grow_every if grows else None, "colour": "grey" if grey else "rgb",
                 "real_batch": ["full" if batch is None else batch for batch, _ in plans]}
-    checkpoint = load_checkpoint(out, cfg, splits, resolved) if resume else None
+    checkpoint = load_checkpoint(out, cfg, splits, resolved, state=saved_state) if resume else None
     check_memory(cfg, num_classes, resolution, device)
     if cfg.image_size is not None and cfg.image_size != splits[0].image_size:
         raise DistillError(f"the store's {splits[0].backbone}/{cfg.split} features were computed at "
@@ -458,6 +467,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         "tool_version": tool_version(), "torch_version": torch.__version__,
         "python_version": sys.version.split()[0],
         "resumed_from_step": start_step if checkpoint is not None else None,
+        "resolved": resolved,  # what the automatic options resolved to at the run's start
     }
     if ctx.is_distributed:
         config["distributed"] = {"world_size": ctx.world_size, "backend": ctx.backend,
