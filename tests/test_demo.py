@@ -18,3 +18,11 @@ def test_demo_val_split_is_smaller_than_train_and_probe_options_default_to_engin
     args = parse_args([])
     assert args.val_limit_per_class < args.limit_per_class
     assert (args.seeds, args.epochs) == (None, None)
+
+
+def test_demo_distills_fewer_steps_than_demo_full_unless_told():
+    from demo.run import DEMO_STEPS, FULL_STEPS
+
+    assert (parse_args([]).steps, parse_args(["--full"]).steps) == (DEMO_STEPS, FULL_STEPS)
+    assert DEMO_STEPS < FULL_STEPS
+    assert parse_args(["--full", "--steps", "8"]).steps == 8
