@@ -68,6 +68,21 @@ from .schema import DEFAULT_CHUNK_ROWS, DTYPES
 from .views import ViewDataset, collate_views
 
 
+# Upper bounds of the numeric options (BuildConfig.validate). Views: each is a backbone pass per image;
+# a batch or a chunk (one work unit, buffered in float32) beyond these would not fit any machine's memory.
+MAX_VIEWS = 1024
+MAX_BATCH_SIZE = 1 << 16
+MAX_CHUNK_ROWS = 1 << 20
+MAX_INT32 = 2**31 - 1
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**63 - 1  # torch and numpy generators take seeds below 2**64; the views' seed string any
+
+
+def max_workers() -> int:
+    """Decoding processes per build process: four per CPU (at least 32) is far past any gain."""
+    return max(32, 4 * (os.cpu_count() or 1))
+
+
 @dataclass
 class BuildConfig:
     """Every option of `fs build` (the CLI derives its options from these fields)."""
@@ -97,17 +112,24 @@ class BuildConfig:
                                  "damaged units (then merge the class statistics again)", flag="--repair")
 
     def validate(self) -> None:
-        """Options that are wrong whatever is on disk: one line each."""
-        if self.views < 1:
-            raise UserError(f"--views must be >= 1, got {self.views}")
+        """Options that are wrong whatever is on disk: one line each. Every number has an upper bound too,
+        so that a typo of many digits is one line instead of a hang, a fork storm or an OverflowError."""
+        bounds = (("views", 1, MAX_VIEWS), ("batch_size", 1, MAX_BATCH_SIZE), ("chunk_rows", 1, MAX_CHUNK_ROWS),
+                  ("workers", 0, max_workers()), ("limit_per_class", 1, MAX_INT32), ("image_size", 1, MAX_IMAGE_SIZE),
+                  ("seed", 0, MAX_SEED))
+        for name, low, high in bounds:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{flag} must be an integer, got {value!r}")
+            if value < low:
+                raise UserError(f"{flag} must be >= {low}, got {value}")
+            if value > high:
+                raise UserError(f"{flag} must be at most {high}, got {value}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise UserError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
-        if self.workers is not None and self.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {self.workers}")
         if len(set(self.splits)) != len(self.splits):
             raise UserError(f"--split repeated: {', '.join(self.splits)}")
         parse_shard(self.shard)

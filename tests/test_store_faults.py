@@ -644,3 +644,29 @@ def test_an_image_above_the_decode_pixel_bound_is_skipped_from_its_header(tmp_pa
     assert path.stat().st_size < 100_000
     with pytest.raises(CorruptImageError, match=r"9500x9500 pixels, more than the 89478485 decoded per image"):
         decode_image_file(path)
+
+
+HUGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--views", HUGE, "--views must be at most 1024"),
+    ("--workers", HUGE, "--workers must be at most"),
+    ("--chunk-rows", HUGE, "--chunk-rows must be at most 1048576"),
+    ("--batch-size", HUGE, "--batch-size must be at most 65536"),
+    ("--limit-per-class", HUGE, "--limit-per-class must be at most 2147483647"),
+    ("--limit-per-class", "0", "--limit-per-class must be >= 1"),
+    ("--image-size", HUGE, "--image-size must be at most 4096"),
+    ("--seed", HUGE, "--seed must be at most 9223372036854775807"),
+    ("--seed", "-1", "--seed must be >= 0"),
+])
+def test_every_numeric_build_option_is_bounded(tmp_path, option, value, fragment):
+    """Issue 20, defect 9: no upper bounds: --views 99999999999999999999 hung and left the split with those
+    attributes, --workers forked until killed, --chunk-rows ended in an OverflowError traceback. Now one
+    line before anything is written."""
+    store = tmp_path / "s"
+    args = ["build", "gratings", "--backbone", "test-cnn", "--store", store, "--split", "train", "--quiet"]
+    if option != "--limit-per-class":
+        args += ["--limit-per-class", "1"]
+    one_line_error(run(*args, option, value), fragment)
+    assert not store.exists()
