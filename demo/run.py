@@ -198,7 +198,8 @@ def run_demo(args: argparse.Namespace) -> Path:
         else:  # a finished run is reused only if it is the run asked for (--steps, --augs, mode)
             done = json.loads((out / "config.json").read_text()).get("arguments", {})
             differing = [f"--{k.replace('_', '-')} {done.get(k)} there, {getattr(cfg, k)} asked"
-                         for k in ("method", "backbone", "steps", "augs", "eval_every") if done.get(k) != getattr(cfg, k)]
+                         for k in ("method", "backbone", "steps", "augs", "eval_every")
+                         if done.get(k) != getattr(cfg, k)]
             if differing:
                 raise UserError(f"{out} holds a run with other options ({'; '.join(differing)}): delete that "
                                 "folder (or `make clean-demo`) to redo it")
@@ -299,7 +300,8 @@ def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows
         f"Mode **{mode}** (`make {mode}`). Dataset **{dataset}**: {args.limit_per_class} train and "
         f"{args.val_limit_per_class} val images per class. The val split ({val_rows} images) is the table's "
         f"test set: enough for a demo table, whose accuracies also carry a sampling error of about "
-        f"{sampling_error:.1f} points (binomial, at 70 %) that the ± over probe seeds does not show. Backbones {', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px. "
+        f"{sampling_error:.1f} points (binomial, at 70 %) that the ± over probe seeds does not show. "
+        f"Backbones {', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px. "
         f"One image per class distilled with the defaults of `engine distill` (from grey images: --init zero) "
         f"but `--steps {args.steps} --augs {args.augs}` (a CPU budget; the authors run 5000 steps with 10 "
         f"copies){f' and `--eval-every {CURVE_EVERY}` (the curves)' if args.full else ''}: {run_list}. "
