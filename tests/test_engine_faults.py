@@ -317,6 +317,39 @@ def test_impossible_options_are_refused_in_one_line(store, tmp_path, monkeypatch
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+HUGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--augs", HUGE, "--augs must be at most 2147483647"),
+    ("--ipc", HUGE, "--ipc must be at most 2147483647"),
+    ("--steps", HUGE, "--steps must be at most 2147483647"),
+    ("--checkpoint-every", HUGE, "--checkpoint-every must be at most 2147483647"),
+    ("--eval-every", HUGE, "--eval-every must be at most 2147483647"),
+    ("--real-batch", HUGE, "--real-batch must be at most 2147483647"),
+    ("--grow-every", HUGE, "--grow-every must be at most 2147483647"),
+    ("--chunk", HUGE, "--chunk must be at most 2147483647"),
+    ("--seed", HUGE, "--seed must be at most 9223372036854775807"),
+    ("--seed", "-1", "--seed must be >= 0"),
+    ("--image-size", HUGE, "--image-size must be at most 4096"),
+    ("--augs", "1000000000", "lower --augs"),  # within the bound, over the memory: the check --ipc gets
+])
+def test_every_numeric_distill_option_is_bounded(store, tmp_path, monkeypatch, option, value, fragment):
+    """Issue 20, defect 9 (and 6): --augs 99999999999999999999 was an OverflowError traceback; --augs
+    1000000000 skipped the memory check that --ipc gets. One line each, before the backbone loads."""
+    import featurestore.backbones as backbones
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone must not be loaded for a run refused up front")
+
+    monkeypatch.setattr(backbones, "create_backbone", no_backbone)
+    out = tmp_path / "run"
+    line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--quiet", "--device", "cpu",
+                                "--out", str(out), option, value))
+    assert fragment in line
+    assert not out.exists()
+
+
 def test_degenerate_stores_give_one_line(tmp_path):
     """Before: a one-class store raised ValueError inside LGM, and a split of only undecodable files
     failed with a traceback in distill, baseline and eval --full."""

@@ -106,6 +106,10 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DistillError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name, high in (("ipc", MAX_COUNT), ("steps", MAX_COUNT), ("augs", MAX_COUNT),
+                           ("checkpoint_every", MAX_COUNT), ("eval_every", MAX_COUNT), ("image_size", MAX_IMAGE_SIZE),
+                           ("seed", MAX_SEED)):
+            _check_bounds(getattr(self, name), "--" + name.replace("_", "-"), high)
         resolve_lr(self.lr, self.steps)
         objective_config(self.method, self.objective)
         for name, allowed in (("param", PARAMETERIZATIONS), ("init", INITS), ("real_source", REAL_SOURCES),
@@ -118,6 +122,24 @@ class DistillConfig:
         parse_chunk(self.chunk)
 
 
+# Upper bounds of the numeric options: counts fit a C int (torch sizes, range ends), the seed a generator's
+# seed, the image size any backbone. A typo of many digits is one line, not an OverflowError traceback.
+MAX_COUNT = 2**31 - 1
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**63 - 1
+
+
+def _check_bounds(value: int | None, option_name: str, high: int, low: int = 0) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DistillError(f"{option_name} must be an integer, got {value!r}")
+    if value < low:
+        raise DistillError(f"{option_name} must be >= {low}, got {value}")
+    if value > high:
+        raise DistillError(f"{option_name} must be at most {high}, got {value}")
+
+
 def _positive_int_or(value: int | str, keyword: str | tuple[str, ...], option_name: str) -> int | str:
     """`keyword` itself, or a positive int (ints given as strings are accepted); else a DistillError."""
     keywords = (keyword,) if isinstance(keyword, str) else keyword
@@ -128,6 +150,7 @@ def _positive_int_or(value: int | str, keyword: str | tuple[str, ...], option_na
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise DistillError(f"{option_name} must be a positive integer or {' or '.join(repr(k) for k in keywords)}, "
                            f"got {value!r}")
+    _check_bounds(value, option_name, MAX_COUNT)
     return value
 
 

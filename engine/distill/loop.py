@@ -39,7 +39,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -267,16 +267,30 @@ def _agree(error: Exception | None) -> None:
 _BYTES_PER_SYNTHETIC_VALUE = 42
 
 
-def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: torch.device) -> None:
-    """Refuse (one line) a synthetic set that cannot fit in memory, before allocating any of it."""
+# Per augmented copy and step, whatever --chunk does: its features and their gradient (float32 [D] each,
+# for every backbone) and its augmentation parameters (an affine grid's 2x3 matrix, flags, seeds).
+_BYTES_PER_COPY_PARAMS = 64
+
+
+def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: torch.device,
+                 dims: Sequence[int] = ()) -> None:
+    """Refuse (one line) a synthetic set, or a number of augmented copies per step, that cannot fit in
+    memory, before allocating any of it. `dims`: the feature size of each backbone."""
     values = num_classes * cfg.ipc * 3 * resolution * resolution
     need = values * _BYTES_PER_SYNTHETIC_VALUE
     have = free_memory(device)
+    where = "the GPU" if device.type == "cuda" else "this machine"
     if need > have:
         raise DistillError(f"--ipc {cfg.ipc} x {num_classes} classes at {resolution} px needs about "
                            f"{need / 2**30:.1f} GiB for the synthetic images and their optimizer state, and "
-                           f"{'the GPU' if device.type == 'cuda' else 'this machine'} has {have / 2**30:.1f} GiB "
-                           f"free: lower --ipc")
+                           f"{where} has {have / 2**30:.1f} GiB free: lower --ipc")
+    copies = num_classes * cfg.ipc * cfg.augs
+    copies_need = copies * (2 * 4 * sum(dims) + _BYTES_PER_COPY_PARAMS)
+    if need + copies_need > have:
+        raise DistillError(f"--augs {cfg.augs} x --ipc {cfg.ipc} x {num_classes} classes = {copies} augmented "
+                           f"copies per step need about {copies_need / 2**30:.1f} GiB for their features and "
+                           f"augmentation parameters (besides {need / 2**30:.1f} GiB for the images), and {where} "
+                           f"has {have / 2**30:.1f} GiB free: lower --augs (or --ipc)")
 
 
 PROBE_NOTE = ("--eval-every: 1 seed, 10 cached views, 300 epochs, tested on the store's val features: a cheap "
@@ -375,7 +389,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     resolved = {"grow_every": grow_every if grows else None, "colour": "grey" if grey else "rgb",
                 "real_batch": ["full" if batch is None else batch for batch, _ in plans]}
     checkpoint = load_checkpoint(out, cfg, splits, resolved, state=saved_state) if resume else None
-    check_memory(cfg, num_classes, resolution, device)
+    check_memory(cfg, num_classes, resolution, device, dims=[split.dim for split in splits])
     if cfg.image_size is not None and cfg.image_size != splits[0].image_size:
         raise DistillError(f"the store's {splits[0].backbone}/{cfg.split} features were computed at "
                            f"{splits[0].image_size} px, not --image-size {cfg.image_size}: omit --image-size, or "
