@@ -126,6 +126,10 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
         raise UserError(f"--images is only used by --kind neighbors, not {kind}")
     if ipc < 1:
         raise UserError(f"--ipc must be at least 1, got {ipc}")
+    if ipc > 2**31 - 1:
+        raise UserError(f"--ipc must be at most {2**31 - 1}, got {ipc}")
+    if not 0 <= seed <= 2**63 - 1:  # a generator's seed
+        raise UserError(f"--seed must be in 0..{2**63 - 1}, got {seed}")
     out = require_new_dir(out)
     require_writable(out)
     store = open_store(store)

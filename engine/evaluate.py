@@ -208,10 +208,19 @@ def check_eval_out(out_dir: str | os.PathLike) -> Path:
 # The protocol
 
 
+# Upper bounds of the numeric options: far past any protocol (the authors': 5 seeds, 1000 epochs), so a
+# typo of many digits is one line, not a list of 10^20 seeds or a cache of 10^20 views.
+MAX_SEEDS = 10_000
+MAX_EPOCHS = 10_000_000
+MAX_VIEWS = 100_000
+
+
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {seeds}")
+        if seeds > MAX_SEEDS:
+            raise UserError(f"--seeds must be at most {MAX_SEEDS}, got {seeds}")
         return list(range(seeds))
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -315,6 +324,10 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
         raise UserError(f"--full-epochs must be at least 1, got {full_epochs} (an untrained probe is no upper bound)")
     if views is not None and views < 1:
         raise UserError(f"--views must be at least 1, got {views}")
+    for flag, value, high in (("--epochs", epochs, MAX_EPOCHS), ("--full-epochs", full_epochs, MAX_EPOCHS),
+                              ("--views", views, MAX_VIEWS)):
+        if value is not None and value > high:
+            raise UserError(f"{flag} must be at most {high}, got {value}")
     n_views = min(epochs, DEFAULT_VIEWS) if views is None else max(1, min(views, epochs))
     if cfg.probe_init not in ("normal", "uniform"):
         raise UserError(f"--probe-init must be normal or uniform, got {cfg.probe_init!r}")

@@ -350,6 +350,24 @@ def test_every_numeric_distill_option_is_bounded(store, tmp_path, monkeypatch, o
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command,option,fragment", [
+    ("eval", "--seeds", "--seeds must be at most 10000"),
+    ("eval", "--epochs", "--epochs must be at most 10000000"),
+    ("eval", "--full-epochs", "--full-epochs must be at most 10000000"),
+    ("eval", "--views", "--views must be at most 100000"),
+    ("baseline", "--ipc", "--ipc must be at most 2147483647"),
+    ("baseline", "--seed", "--seed must be in 0..9223372036854775807"),
+])
+def test_every_numeric_eval_and_baseline_option_is_bounded(store, tmp_path, command, option, fragment):
+    """Issue 20, defect 9: eval and baseline counts had no upper bound (--seeds 10^20 builds a list of
+    10^20 seeds, --seed 10^20 is an overflow in torch's generator). One line, nothing written."""
+    out = tmp_path / "out"
+    args = ["--store", str(store), "--backbone", BACKBONE, "--quiet", "--device", "cpu", "--out", str(out)]
+    args += ["--full"] if command == "eval" else ["--kind", "random"]
+    assert fragment in _one_line_error(_cli(command, *args, option, HUGE))
+    assert not out.exists()
+
+
 def test_degenerate_stores_give_one_line(tmp_path):
     """Before: a one-class store raised ValueError inside LGM, and a split of only undecodable files
     failed with a traceback in distill, baseline and eval --full."""
