@@ -427,7 +427,24 @@ class StoreSplit:
             raise StoreError(f"store {self.store.location}: {self.backbone}/{self.split_name} has no {name} array: "
                              f"the store is damaged; delete {self.store.location.child(self.backbone, self.split_name)} "
                              f"and rebuild the split")
+        expected = self._expected_shape(name)
+        if expected is not None and tuple(node.shape) != expected:
+            raise StoreError(f"store {self.store.location}: {self.backbone}/{self.split_name} {name} has shape "
+                             f"{tuple(node.shape)}, the split's attributes say {expected}: its metadata is damaged; "
+                             f"delete {self.store.location.child(self.backbone, self.split_name)} and rebuild the split")
         return node
+
+    def _expected_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape the split's attributes give the per-row arrays (None for the others)."""
+        try:
+            n, d, k = int(self.attrs["num_images"]), int(self.attrs["dim"]), int(self.attrs["views"])
+        except (KeyError, TypeError, ValueError):
+            return None  # verify names incomplete attributes
+        if name == FEATURES:
+            return (n, d) if k == 1 else (n, k, d)
+        if name in (LABELS, SAMPLE_IDS):
+            return (n,)
+        return None
 
     def _read(self, name: str, selection: Any = slice(None), unit: int | None = None,
               array: zarr.Array | None = None) -> np.ndarray:

@@ -670,3 +670,19 @@ def test_every_numeric_build_option_is_bounded(tmp_path, option, value, fragment
         args += ["--limit-per-class", "1"]
     one_line_error(run(*args, option, value), fragment)
     assert not store.exists()
+
+
+@pytest.mark.parametrize("shape", [[40, 23], [39, 24], [40, 2, 24]])
+def test_features_metadata_with_another_shape_is_one_line(store_copy, shape):
+    """Issue 20, defect 6: a features zarr.json declaring another shape made distill fail with an
+    IndexError traceback. Reads compare every array's shape with the split's attributes."""
+    meta_path = store_copy / SPLIT / "features" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = shape
+    if len(shape) != len(meta["chunk_grid"]["configuration"]["chunk_shape"]):
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [16, *shape[1:]]
+        meta["dimension_names"] = None
+    meta_path.write_text(json.dumps(meta))
+    sp = FeatureStore.open(store_copy).split("test-cnn", "train")
+    with pytest.raises(StoreError, match=r"features has shape .* the split's attributes say \(40, 24\)"):
+        sp.load()
