@@ -124,6 +124,10 @@ def require_writable(path: str | os.PathLike, error: type[UserError] = UserError
     """Refuse (one line) a directory that could not be created or written: checked before heavy work, so
     a run into a read-only place fails in a second, not after loading a store and a backbone."""
     path = Path(path).expanduser()
+    if path.is_symlink() and not path.exists():
+        # mkdir on a dangling link fails with FileExistsError; following it would create its target.
+        raise error(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: create that "
+                    f"directory, remove the link, or choose another path")
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

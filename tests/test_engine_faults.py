@@ -368,6 +368,24 @@ def test_every_numeric_eval_and_baseline_option_is_bounded(store, tmp_path, comm
     assert not out.exists()
 
 
+def test_out_a_dangling_symlink_is_one_line_before_any_work(store, tmp_path, monkeypatch):
+    """Issue 20, defects 6 and 10: --out a dangling symlink was a FileExistsError traceback (distill) and
+    failed only after the whole evaluation (eval). One line, up front, naming the link's target."""
+    import engine.evaluate as evaluate
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("nothing must be evaluated when --out cannot be written")
+
+    monkeypatch.setattr(evaluate, "evaluate_full", no_probe)
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "missing" / "target")
+    common = ["--store", str(store), "--backbone", BACKBONE, "--quiet", "--device", "cpu", "--out", str(link)]
+    for command in (["distill", "--steps", "7"], ["eval", "--full"], ["baseline", "--kind", "random"]):
+        line = _one_line_error(_cli(*command, *common))
+        assert "is a symbolic link to" in line and "which does not exist" in line, line
+    assert link.is_symlink() and not (tmp_path / "missing").exists()
+
+
 def test_degenerate_stores_give_one_line(tmp_path):
     """Before: a one-class store raised ValueError inside LGM, and a split of only undecodable files
     failed with a traceback in distill, baseline and eval --full."""
