@@ -616,6 +616,9 @@ class StoreSplit:
         def whole(what: str, repairable: bool = False) -> Damage:
             return Damage(self.backbone, self.split_name, what, repairable=repairable)
 
+        problem = self.store.class_names_problem(self.attrs.get("num_classes"))
+        if problem is not None:
+            return [whole(f"{problem}: rebuild the store")]
         try:
             n, r, u = self.n, int(self.attrs["chunk_rows"]), int(self.attrs["num_units"])
             specs = array_specs(self.attrs, self.store.num_classes)
@@ -811,6 +814,19 @@ class FeatureStore:
     def num_classes(self) -> int:
         return len(self.attrs["class_names"])
 
+    def class_names_problem(self, split_classes: Any = None) -> str | None:
+        """What is wrong with the root's class_names (a list of distinct strings, as many as the split's
+        arrays hold classes: `split_classes`, its num_classes attribute), or None."""
+        names = self.attrs.get("class_names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            return f"the root attribute class_names is not a list of strings ({str(names)[:60]!r})"
+        repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if repeated is not None:
+            return f"the root attribute class_names repeats {repeated!r}"
+        if split_classes is not None and split_classes != len(names):
+            return f"the root attribute lists {len(names)} class names but its arrays hold {split_classes} classes"
+        return None
+
     def child_groups(self, *parts: str) -> list[tuple[str, zarr.Group]]:
         """(name, group) of the child groups under `parts`, one at a time (see `child_names`); a child
         whose zarr.json is damaged raises StoreError naming it."""
@@ -859,6 +875,9 @@ class FeatureStore:
                              f"Build it with `fs build {self.dataset} --backbone {backbone} --split {split} "
                              f"--store {self.path}`")
         sp = StoreSplit(self, name, split, open_child(self.location, self.root[name], split, "split group"))
+        problem = self.class_names_problem(sp.attrs.get("num_classes"))
+        if problem is not None:
+            raise StoreError(f"store {self.path} is damaged: {problem} ({name}/{split}); rebuild the store")
         if not sp.complete and not allow_incomplete:
             raise StoreError(f"{name}/{split} in {self.path} is incomplete ({sp.units_done()}/"
                              f"{sp.attrs['num_units']} units): rerun the same `fs build` command to finish it")

@@ -686,3 +686,22 @@ def test_features_metadata_with_another_shape_is_one_line(store_copy, shape):
     sp = FeatureStore.open(store_copy).split("test-cnn", "train")
     with pytest.raises(StoreError, match=r"features has shape .* the split's attributes say \(40, 24\)"):
         sp.load()
+
+
+@pytest.mark.parametrize("class_names,fragment", [
+    (["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"], "11 class names but its arrays hold 10 classes"),
+    ("abcdefghij", "class_names is not a list of strings"),
+    (["a", "b", "c", "d", "e", "f", "g", "h", "i", "i"], "class_names repeats"),
+])
+def test_class_names_that_disagree_with_the_arrays_are_damage(store_copy, class_names, fragment):
+    """Issue 20, defect 7: distill ran on a store whose class_names disagreed with its arrays (one name
+    too many: a class with no data; a plain string "abc": classes a, b, c) while verify said damaged or
+    even intact. Opening a split refuses it in one line; verify reports it (exit 1)."""
+    meta_path = store_copy / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["class_names"] = class_names
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=fragment):
+        FeatureStore.open(store_copy).split("test-cnn", "train")
+    result = run("verify", "--store", store_copy)
+    assert result.exit_code == 1 and fragment in result.stdout, result.output
