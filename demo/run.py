@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import itertools
 import json
 import math
 import os
@@ -357,7 +358,10 @@ def _inline_markdown_to_html(text: str) -> str:
 
 
 def _markdown_table_to_html(md: str) -> str:
-    rows = [line for line in md.splitlines() if line.startswith("|")]
+    """The first table of `md` (eval.md: top-1; the top-5 table follows it) as HTML."""
+    lines = md.splitlines()
+    start = next((k for k, line in enumerate(lines) if line.startswith("|")), len(lines))
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     if not rows:
         return f"<pre>{html.escape(md)}</pre>"
     out = ["<table>"]
