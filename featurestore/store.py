@@ -151,8 +151,10 @@ def read_root_metadata(store: "str | os.PathLike | StoreLocation") -> dict[str, 
         raise StoreError(f"{where} is a Zarr node but not a probe-distill feature store "
                          f"(no schema_version attribute): pass a new or empty folder to --store")
     version = attrs["schema_version"]
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"store {where} has schema version {version}, this probe-distill "
+    if version != SCHEMA_VERSION or not isinstance(version, int) or isinstance(version, bool):
+        shown = f"{version!r} (a {type(version).__name__ if not isinstance(version, str) else 'string'})" \
+            if not isinstance(version, int) or isinstance(version, bool) else str(version)
+        raise StoreError(f"store {where} has schema version {shown}, this probe-distill "
                          f"({tool_version()}) reads version {SCHEMA_VERSION}: rebuild it into a new "
                          f"--store, or use the probe-distill release that wrote it")
     return meta

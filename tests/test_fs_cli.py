@@ -90,6 +90,11 @@ def test_incompatible_schema_version_is_refused_untouched(tmp_path, dir_digest):
     assert_one_line_error(run(*BUILD, "--store", store), "schema version 99", "reads version 1")
     assert_one_line_error(run("info", "--store", store), "schema version 99")
     assert dir_digest(store) == before
+    # Issue 20, defect 10: the string "1" read "has schema version 1, ... reads version 1".
+    meta["attributes"]["schema_version"] = "1"
+    meta_file.write_text(json.dumps(meta))
+    assert_one_line_error(run("info", "--store", store), "has schema version '1' (a string)",
+                          "reads version 1")
 
 
 def test_non_store_paths_are_refused_untouched(tmp_path, dir_digest):
