@@ -240,6 +240,25 @@ def test_init_real_finds_images_by_sample_id(shifted_folder, tmp_path):
     assert means[1, 2] > 0.9 and means[1, 0] < 0.1  # class b: blue
 
 
+def test_init_centroid_starts_from_the_centroid_baseline_images(store, tmp_path):
+    """--init centroid: each class starts from the real image `engine baseline --kind centroid` picks (the
+    stored feature nearest the class mean), found by sample id; a 1-step run at a vanishing lr keeps it."""
+    from engine.baselines import make_baseline
+
+    baseline = make_baseline(str(store), BACKBONE, "centroid", tmp_path / "centroid", quiet=True)
+    random_start = distill(_config(store, tmp_path / "real", init="real", param="pixels", steps=1, lr=1e-12))
+    result = distill(_config(store, tmp_path / "run", init="centroid", param="pixels", steps=1, lr=1e-12))
+    picked, labels, _ = read_imagefolder(tmp_path / "centroid" / "images", result.class_names)
+    order = torch.argsort(labels, stable=True)  # ipc 1: one image per class, in class order like the run's
+    picked = picked[order]
+    assert torch.equal(labels[order], result.labels)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["arguments"]["init"] == "centroid"
+    assert baseline["num_images"] == result.images.shape[0]
+    # The baseline's PNGs are 8-bit: the same pixels up to rounding (and the sigmoid's clamp at 0 and 1).
+    assert (result.images - picked).abs().max() < 2 / 255
+    assert (random_start.images - picked).abs().max() > 0.1  # a random real image is another picture
+
+
 def test_end_to_end_real_side_finds_images_by_sample_id(shifted_folder):
     _, store = shifted_folder
     split = FeatureStore.open(store).split(BACKBONE, "train")

@@ -13,7 +13,9 @@ from featurestore.options import option
 
 PARAMETERIZATIONS = ("pyramid", "pixels")
 COLOURS = ("auto", "rgb", "grey")
-INITS = ("noise", "zero", "real")
+INITS = ("noise", "zero", "real", "centroid")
+# Inits that start from real images of each class (the pyramid then starts complete: no growth schedule).
+REAL_INITS = ("real", "centroid")
 REAL_SOURCES = ("store", "images")
 
 
@@ -50,8 +52,9 @@ class DistillConfig:
                                            "fits the compute and memory budget, else the largest sample that fits), "
                                            "full (every row), or an integer (the authors: ipc*augs*classes).")
     param: str = option("pyramid", "Image parameterization: pyramid or pixels.")
-    init: str = option("zero", "zero (grey images: the authors' init_mode zero), noise (the authors' default), or "
-                                 "real (real images of each class).")
+    init: str = option("zero", "zero (grey images: the authors' init_mode zero), noise (the authors' default), "
+                                 "real (random real images of each class), or centroid (the real images nearest each "
+                                 "class mean of the first --backbone's stored features: the centroid baseline).")
     colour: str = option("auto", "Synthetic images in colour (rgb) or grey (one channel replicated); auto: grey "
                                  "when every image of the store's split is grey.")
     decorrelate: bool = option(True, "Colour images live in the decorrelated colour space (the authors' "

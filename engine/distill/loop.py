@@ -47,8 +47,8 @@ from torch import Tensor
 from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
 from engine.distill.checkpoint import (CHECKPOINT, load_checkpoint, read_checkpoint, run_identity, save_checkpoint,
                                       store_id)
-from engine.distill.config import (DistillConfig, DistillError, NonFiniteLossError, parse_chunk, parse_grow_every,
-                                   parse_real_batch, resolve_lr)
+from engine.distill.config import (REAL_INITS, DistillConfig, DistillError, NonFiniteLossError, parse_chunk,
+                                   parse_grow_every, parse_real_batch, resolve_lr)
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
@@ -316,18 +316,26 @@ def _quick_probe(cfg: DistillConfig, ctx: DistContext, store, member: Member, sy
     return probe
 
 
-def _real_init_images(split, num_classes: int, ipc: int, resolution: int, generator: torch.Generator) -> Tensor:
-    """ipc random real images per class (canonical, at the synthetic resolution), class by class."""
+def _real_init_images(split, num_classes: int, ipc: int, resolution: int, generator: torch.Generator,
+                      init: str = "real") -> Tensor:
+    """ipc real images per class (canonical, at the synthetic resolution), class by class: random ones
+    (`real`), or the ones whose stored view-0 features are nearest the class mean (`centroid`: the picks
+    of `engine baseline --kind centroid`)."""
+    from engine.baselines import pick_centroid
     from featurestore.datasets import canonical_image
 
     data = split.load(view=0)
+    nearest = pick_centroid(data.features.numpy(), data.labels.numpy(), num_classes, ipc) if init == "centroid" else None
     picks = []
     for c in range(num_classes):
         rows = data.rows[data.labels == c]
         if rows.numel() < ipc:
-            raise DistillError(f"--init real needs {ipc} images of class {c} "
+            raise DistillError(f"--init {init} needs {ipc} images of class {c} "
                                f"({split.store.class_names[c]!r}); the store has {rows.numel()}")
-        picks.append(rows[torch.randperm(rows.numel(), generator=generator)[:ipc]])
+        if nearest is not None:
+            picks.append(data.rows[torch.as_tensor(nearest[c][0], dtype=torch.int64)])
+        else:
+            picks.append(rows[torch.randperm(rows.numel(), generator=generator)[:ipc]])
     # Images are found by sample id, so a source folder that changed since the build cannot hand class b
     # the image of class a.
     dataset, indices = split.source(torch.cat(picks))
@@ -373,7 +381,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         # --grow-every auto is fixed when a run starts (from its first --steps) and recorded: a resume
         # with a larger --steps extends that schedule instead of changing it mid-run.
         grow_every = saved_grow_every
-    if cfg.param == "pyramid" and cfg.init != "real":
+    if cfg.param == "pyramid" and cfg.init not in REAL_INITS:
         problem = check_schedule(resolution, grow_every, cfg.steps)  # before anything is loaded
         if problem is not None:
             raise DistillError(problem)
@@ -384,7 +392,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
     plans = [plan_real_batch(parse_real_batch(cfg.real_batch), split.num_valid, num_classes, split.dim,
                              cfg.ipc * cfg.augs * num_classes, device.type) for split in splits]
-    grows = cfg.param == "pyramid" and cfg.init != "real"  # only a growing pyramid has a schedule
+    grows = cfg.param == "pyramid" and cfg.init not in REAL_INITS  # only a growing pyramid has a schedule
     grey = cfg.colour == "grey" or (cfg.colour == "auto" and all(split.greyscale for split in splits))
     resolved = {"grow_every": grow_every if grows else None, "colour": "grey" if grey else "rgb",
                 "real_batch": ["full" if batch is None else batch for batch, _ in plans]}
@@ -412,13 +420,14 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
             if getattr(real, "note", None):
                 print(f"{prefix}real side: {real.note}", file=sys.stderr)
     generators = make_generators(cfg.seed)
-    if checkpoint is None and cfg.init == "real":
-        init_images = _real_init_images(splits[0], num_classes, cfg.ipc, resolution, generators["init"])
+    if checkpoint is None and cfg.init in REAL_INITS:
+        init_images = _real_init_images(splits[0], num_classes, cfg.ipc, resolution, generators["init"], cfg.init)
     elif checkpoint is not None:  # overwritten by the checkpoint: no draw, no image reads
         init_images = torch.zeros(num_classes * cfg.ipc, 3, resolution, resolution)
     else:
         init_images = None
-    synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution, init=cfg.init, real_images=init_images,
+    synthetic = make_synthetic(cfg.param, num_classes, cfg.ipc, resolution,
+                               init="real" if cfg.init in REAL_INITS else cfg.init, real_images=init_images,
                                grow_every=grow_every, channels=1 if grey else 3, decorrelate=cfg.decorrelate,
                                generator=generators["init"], device=device)
     lr = resolve_lr(cfg.lr, cfg.steps)
@@ -472,7 +481,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         } for m in members],
         "synthetic": {**synthetic.describe(), "num_images": synthetic.n, "ipc": cfg.ipc,
                       "full_resolution_from_step": (pyramid_full_step(resolution, grow_every)
-                                                    if cfg.param == "pyramid" and cfg.init != "real" else 0)},
+                                                    if cfg.param == "pyramid" and cfg.init not in REAL_INITS else 0)},
         "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": members[0].side.augs},
         "optimizer": {"name": "Adam", "lr": lr, "lr_option": cfg.lr, "lr_history": lr_history,
                       "reset_on_pyramid_growth": cfg.param == "pyramid"},
