@@ -542,16 +542,16 @@ def test_lr_auto_keeps_the_authors_total_movement():
 
 
 def test_a_checkpoint_made_under_the_old_default_init_is_refused_naming_it(store, tmp_path):
-    """The default --init changed from noise to zero: a run checkpointed with the old default, resumed with
-    the same command line (so now --init zero), must not continue a noise-init run as a zero-init one."""
+    """The default --init changed (noise -> zero -> centroid): a run checkpointed with an old default, resumed
+    with the same command line (so now --init centroid), must not continue as a run of another init."""
     out = tmp_path / "old"
-    distill(_config(store, out, steps=7, init="noise"))
+    distill(_config(store, out, steps=7, init="zero"))
     result = _cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out), "--ipc", "1",
                   "--steps", "9", "--augs", "1", "--grow-every", "1", "--checkpoint-every", "1", "--quiet",
                   "--device", "cpu", "--resume")
     line = _one_line_error(result)
-    assert "--init 'noise' -> 'zero'" in line
-    assert distill(_config(store, out, steps=9, init="noise", resume=True)).resumed_from == 7
+    assert "--init 'zero' -> 'centroid'" in line
+    assert distill(_config(store, out, steps=9, init="zero", resume=True)).resumed_from == 7
 
 
 # ----------------------------------------------------------------------------------------------------

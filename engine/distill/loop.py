@@ -61,6 +61,7 @@ from engine.real import ImageRealSource, RealSource, StoreRealSource, plan_real_
 from featurestore.augment import AugmentConfig
 from featurestore.progress import progress
 from featurestore.distributed import DistContext, any_rank, contiguous_share, destroy, init_process_group_from_env
+from featurestore.errors import UserError, one_line
 from featurestore.runtime import (LOCK_FILE, atomic_write_json, exclusive_lock, free_memory, is_locked,
                                   require_writable, tool_version, write_errors)
 
@@ -338,7 +339,12 @@ def _real_init_images(split, num_classes: int, ipc: int, resolution: int, genera
             picks.append(rows[torch.randperm(rows.numel(), generator=generator)[:ipc]])
     # Images are found by sample id, so a source folder that changed since the build cannot hand class b
     # the image of class a.
-    dataset, indices = split.source(torch.cat(picks))
+    try:
+        dataset, indices = split.source(torch.cat(picks))
+    except UserError as exc:
+        raise DistillError(f"--init {init} reads {len(picks) * ipc} real images from the store's source: "
+                           f"{one_line(exc)}; make the source readable again, or start from grey images with "
+                           f"--init zero") from None
     return torch.stack([canonical_image(dataset.load_image(i), resolution) for i in indices])
 
 
@@ -430,7 +436,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                                init="real" if cfg.init in REAL_INITS else cfg.init, real_images=init_images,
                                grow_every=grow_every, channels=1 if grey else 3, decorrelate=cfg.decorrelate,
                                generator=generators["init"], device=device)
-    lr = resolve_lr(cfg.lr, cfg.steps)
+    lr = resolve_lr(cfg.lr, cfg.steps, cfg.init)
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=lr)
     metrics: list[dict[str, Any]] = []
     start_step = 0
