@@ -536,6 +536,7 @@ def test_lr_auto_keeps_the_authors_total_movement():
     assert resolve_lr("auto", 5000) == pytest.approx(2e-3)  # the authors' rate at their budget
     assert resolve_lr("auto", 400) == pytest.approx(0.025) and resolve_lr("auto", 10) == 0.05
     assert resolve_lr(0.1, 400) == 0.1
+    assert resolve_lr("auto", 400, "centroid") == resolve_lr("auto", 10, "real") == pytest.approx(2e-3)  # from real pixels
     for bad in ("fast", 0, -1.0, float("inf")):
         with pytest.raises(DistillError, match="--lr must be a positive number or 'auto'"):
             resolve_lr(bad, 100)
