@@ -73,6 +73,35 @@ def pick_centroid(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return picks
 
 
+def pick_cluster_centroids(features: np.ndarray, labels: np.ndarray, num_classes: int, ipc: int,
+                           seed: int = 0) -> dict[int, np.ndarray]:
+    """Per class, the positions of `ipc` distinct real samples that cover it: 1 -> the sample nearest the
+    class mean (`pick_centroid`); more -> k-means with k = ipc on the class's features (faiss, seeded), then
+    the sample nearest each cluster centre, each sample used once (the ipc nearest the one mean would be
+    near-copies of one picture)."""
+    if ipc == 1:
+        return {c: pos for c, (pos, _) in pick_centroid(features, labels, num_classes, 1).items()}
+    picks = {}
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        feats = np.ascontiguousarray(features[members], dtype=np.float32)
+        if members.size <= ipc:
+            picks[c] = members[:ipc]
+            continue
+        kmeans = faiss.Kmeans(feats.shape[1], ipc, niter=20, seed=seed, verbose=False)
+        kmeans.train(feats)
+        index = faiss.IndexFlatL2(feats.shape[1])
+        index.add(feats)
+        _, near = _faiss_search(index, kmeans.centroids, min(members.size, 8 * ipc))
+        chosen: list[int] = []
+        for row in near:  # the nearest sample of each centre not taken by an earlier centre
+            chosen.append(next((int(p) for p in row if int(p) not in chosen), -1))
+        rest = (p for p in range(members.size) if p not in chosen)
+        chosen = [p if p >= 0 else next(rest) for p in chosen]
+        picks[c] = members[np.array(chosen, dtype=np.int64)]
+    return picks
+
+
 def pick_neighbors(features: np.ndarray, labels: np.ndarray, queries: np.ndarray,
                    query_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each query, (position, cosine) of the same-class feature with the highest cosine similarity."""

@@ -169,3 +169,23 @@ def test_cli_baseline(tiny_store, tmp_path):
                               "--kind", "random", "--out", str(tmp_path / "v")])
     assert res.exit_code == 2 and "test-vit/train" in res.output
     assert not (tmp_path / "n").exists() and not (tmp_path / "v").exists()
+
+
+def test_cluster_centroids_cover_each_class_with_distinct_samples():
+    """--init centroid with ipc > 1: one sample per k-means cluster, distinct, each the nearest to its centre;
+    ipc 1 is the centroid baseline's pick."""
+    from engine.baselines import pick_centroid, pick_cluster_centroids
+
+    gen = np.random.default_rng(0)
+    # Class 0: two tight blobs far apart; class 1: one blob. Nearest-the-mean would take two samples of one
+    # blob (or the gap); the clusters take one sample from each blob.
+    blob_a = gen.normal(0, 0.1, (20, 4)) + [10, 0, 0, 0]
+    blob_b = gen.normal(0, 0.1, (20, 4)) - [10, 0, 0, 0]
+    other = gen.normal(0, 0.1, (20, 4)) + [0, 10, 0, 0]
+    features = np.concatenate([blob_a, blob_b, other]).astype(np.float32)
+    labels = np.array([0] * 40 + [1] * 20)
+    picks = pick_cluster_centroids(features, labels, 2, 2)
+    assert sorted(p // 20 for p in picks[0]) == [0, 1]  # one from each blob of class 0
+    assert len(set(picks[1].tolist())) == 2 and all(20 * 2 <= p < 60 for p in picks[1])
+    one = pick_cluster_centroids(features, labels, 2, 1)
+    assert all(np.array_equal(one[c], pick_centroid(features, labels, 2, 1)[c][0]) for c in range(2))

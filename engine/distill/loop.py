@@ -320,13 +320,14 @@ def _quick_probe(cfg: DistillConfig, ctx: DistContext, store, member: Member, sy
 def _real_init_images(split, num_classes: int, ipc: int, resolution: int, generator: torch.Generator,
                       init: str = "real") -> Tensor:
     """ipc real images per class (canonical, at the synthetic resolution), class by class: random ones
-    (`real`), or the ones whose stored view-0 features are nearest the class mean (`centroid`: the picks
-    of `engine baseline --kind centroid`)."""
-    from engine.baselines import pick_centroid
+    (`real`), or (`centroid`) the one whose stored view-0 features are nearest the class mean (the pick of
+    `engine baseline --kind centroid`), with ipc > 1 the nearest of each of ipc k-means centres."""
+    from engine.baselines import pick_cluster_centroids
     from featurestore.datasets import canonical_image
 
     data = split.load(view=0)
-    nearest = pick_centroid(data.features.numpy(), data.labels.numpy(), num_classes, ipc) if init == "centroid" else None
+    nearest = (pick_cluster_centroids(data.features.numpy(), data.labels.numpy(), num_classes, ipc)
+               if init == "centroid" else None)
     picks = []
     for c in range(num_classes):
         rows = data.rows[data.labels == c]
@@ -334,7 +335,7 @@ def _real_init_images(split, num_classes: int, ipc: int, resolution: int, genera
             raise DistillError(f"--init {init} needs {ipc} images of class {c} "
                                f"({split.store.class_names[c]!r}); the store has {rows.numel()}")
         if nearest is not None:
-            picks.append(data.rows[torch.as_tensor(nearest[c][0], dtype=torch.int64)])
+            picks.append(data.rows[torch.as_tensor(nearest[c], dtype=torch.int64)])
         else:
             picks.append(rows[torch.randperm(rows.numel(), generator=generator)[:ipc]])
     # Images are found by sample id, so a source folder that changed since the build cannot hand class b
