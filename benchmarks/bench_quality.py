@@ -4,7 +4,7 @@ backbone and on the others (issues 12 and 14).
 Fashion-MNIST (the Debian package dataset-fashion-mnist): 500 train images per class, the whole 10k test
 split, 112 px; distillation backbones efficientnet-lite0 and dinov2-vits14-imgfocus in turn, evaluation on
 both plus opennsfw-resnet50 (held out: never a distillation backbone); ipc 1, `--augs 2` (a CPU budget;
-the authors use 10), every other option at its default (so from grey images: --init zero), 5 probe seeds.
+the authors use 10), every other option at its default (the init as `engine distill` defaults it, recorded in each run), 5 probe seeds.
 
 - the curve: LGM and CLP at 200 to 2000 steps (CURVE below) beside random, centroid, neighbors and the
   full-data probe, with the wall time of each run;
@@ -434,7 +434,7 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
 def to_markdown(payload: dict[str, Any]) -> str:
     cols = payload["eval_backbones"]
     text = [f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, the whole test split, {IMAGE_SIZE} px; ipc 1, "
-            f"--augs {AUGS}, every other option at its default (--init zero: from grey images); top-1 % (mean ± std over {SEEDS} probe "
+            f"--augs {AUGS}, every other option at its default (the results record the init; before 2026-12-06 the default was --init zero); top-1 % (mean ± std over {SEEDS} probe "
             f"seeds) on each evaluation backbone ({HELD_OUT} is never a distillation backbone). Wall time of the "
             f"last invocation (work cached by an earlier one not counted): {payload['wall_seconds'] / 60:.0f} min"
             f"{' (--quick)' if payload['quick'] else ''}.\n"]

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"backbone": BACKBONE, "image_size": IMAGE_SIZE, "augs": AUGS, "steps": args.steps,
                "eval_every": args.eval_every, "curves": curves, "summary": summary}
     md = [f"LGM, Fashion-MNIST ({TRAIN_PER_CLASS} train images per class, the whole test split), {BACKBONE} at "
-          f"{IMAGE_SIZE} px, ipc 1, --augs {AUGS}, {args.steps} steps each, same seed and init (the default, --init zero). Probe every "
+          f"{IMAGE_SIZE} px, ipc 1, --augs {AUGS}, {args.steps} steps each, same seed and init (the default at the time of the run, recorded in its config.json). Probe every "
           f"{args.eval_every} steps: 1 seed, 10 views, 300 epochs (cheap, noisier than the full protocol); its time "
           "is excluded from the distillation seconds.\n",
           "## Summary\n", "```json\n" + json.dumps(summary, indent=2) + "\n```\n"]

@@ -1,0 +1,172 @@
+"""Diagnostic (issue 19): which starting point, learning rate and real side let a distilled set work on the
+ViT and on backbones it was not made on. Short runs, side by side, that chose today's defaults.
+
+Fashion-MNIST, 500 train images per class, 112 px, ipc 1, `--augs 2`; a SMALL val split (100 test images per
+class, 1000 in all) so that the three stores build in minutes: numbers here are comparable with each other,
+not with bench_quality's (the whole test split). Evaluation: the authors' protocol, 3 probe seeds (5 for
+the 1000-step runs), on efficientnet-lite0, dinov2-vits14-imgfocus and the held-out opennsfw-resnet50.
+
+Runs (each distills one set; options beyond the defaults in RUNS):
+- the old default (grey images, --lr auto = 10/steps) against the new one (--init centroid: the real
+  image nearest each class mean, --lr auto = the authors' 2e-3 from real images), on both backbones;
+- the learning rate from real images (10/steps against 3e-3);
+- the real side augmented like the synthetic copies (a store of 4 views per image: `fs build --views 4`)
+  against centre crops, from the same start and rate;
+- the real-image references (centroid of each backbone, random).
+
+    python -m benchmarks.diag_defaults            # ~2 h on 2 CPU cores (cached: a rerun continues)
+    python -m benchmarks.diag_defaults --only lgm-effnet-centroid-1000
+
+Results: benchmarks/results/diag_defaults.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import fashion_mnist_missing, markdown_table, write_results  # noqa: E402
+from featurestore.runtime import atomic_write_json  # noqa: E402
+
+EFFNET, DINOV2, NSFW = "efficientnet-lite0", "dinov2-vits14-imgfocus", "opennsfw-resnet50"
+EVAL_BACKBONES = (EFFNET, DINOV2, NSFW)
+SHORT = {EFFNET: "effnet", DINOV2: "dinov2", NSFW: "nsfw-r50"}
+TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE_SIZE, AUGS = 500, 100, 112, 2
+OLD = {"init": "zero"}  # the defaults before this change: grey images, --lr auto = 10 / steps
+
+# name -> (distillation backbone, steps, options beyond the defaults, store, probe seeds)
+RUNS: dict[str, tuple[str, int, dict[str, Any], str, int]] = {
+    "lgm-effnet-zero-300": (EFFNET, 300, OLD, "main", 3),
+    "lgm-dinov2-zero-300": (DINOV2, 300, OLD, "main", 3),
+    "lgm-dinov2-centroid-lr-auto-old-300": (DINOV2, 300, {"init": "centroid", "lr": 10 / 300}, "main", 3),
+    "lgm-dinov2-centroid-300": (DINOV2, 300, {"init": "centroid", "lr": 3e-3}, "main", 3),
+    "lgm-dinov2-centroid-views4-300": (DINOV2, 300, {"init": "centroid", "lr": 3e-3}, "views4", 3),
+    "lgm-effnet-centroid-lr-auto-old-300": (EFFNET, 300, {"init": "centroid", "lr": 10 / 300}, "main", 3),
+    "lgm-effnet-centroid-300": (EFFNET, 300, {"init": "centroid", "lr": 3e-3}, "main", 3),
+    "lgm-effnet-centroid-1000": (EFFNET, 1000, {}, "main", 5),
+    "lgm-dinov2-centroid-1000": (DINOV2, 1000, {}, "main", 5),
+    "lgm-both-centroid-400": (EFFNET, 400, {"backbone": [EFFNET, DINOV2]}, "main", 5),
+}
+
+
+class Diag:
+    def __init__(self, work: Path, data_root: str | None) -> None:
+        self.work = work
+        self.data_root = data_root
+        self.stores = {"main": work / "fs-screen", "views4": work / "fs-v4"}
+        self.cache_path = work / "eval-cache.json"
+        self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
+
+    def log(self, text: str) -> None:
+        print(f"[diag_defaults {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def build_stores(self) -> None:
+        from featurestore.build import build
+
+        common = dict(data_root=self.data_root, image_size=IMAGE_SIZE, quiet=True)
+        for backbone in EVAL_BACKBONES:
+            build("fashion-mnist", backbone, self.stores["main"], splits=["train"], limit_per_class=TRAIN_PER_CLASS,
+                  **common)
+            build("fashion-mnist", backbone, self.stores["main"], splits=["val"], limit_per_class=VAL_PER_CLASS,
+                  **common)
+
+    def build_views(self) -> None:
+        from featurestore.build import build
+
+        build("fashion-mnist", DINOV2, self.stores["views4"], splits=["train"], limit_per_class=TRAIN_PER_CLASS,
+              views=4, data_root=self.data_root, image_size=IMAGE_SIZE, quiet=True)
+
+    def distill(self, name: str) -> Path:
+        from engine.distill import DistillConfig, distill
+
+        backbone, steps, options, store, _ = RUNS[name]
+        out = self.work / "runs" / name
+        if not (out / "distilled.safetensors").is_file():
+            if store == "views4":
+                self.build_views()
+            self.log(f"distill {name}")
+            config = {"store": str(self.stores[store]), "out": str(out), "backbone": [backbone], "steps": steps,
+                      "augs": AUGS, "quiet": True, "resume": (out / "checkpoint.pt").is_file(), **options}
+            distill(DistillConfig(**config))
+        return out
+
+    def baseline(self, kind: str, backbone: str) -> Path:
+        from engine.baselines import make_baseline
+
+        out = self.work / "baselines" / f"{kind}-{SHORT[backbone]}"
+        if not (out / "baseline.json").is_file():
+            make_baseline(str(self.stores["main"]), backbone, kind, out, quiet=True)
+        return out / "images"
+
+    def evaluate(self, name: str, images: Path, seeds: int) -> dict[str, float]:
+        from engine.evaluate import evaluate
+
+        key = f"{name}|seeds{seeds}"
+        if key not in self.cache:
+            self.log(f"evaluate {name}")
+            result = evaluate(str(self.stores["main"]), {name: str(images)}, list(EVAL_BACKBONES), seeds=seeds,
+                              quiet=True)
+            self.cache[key] = {SHORT[b]: round(result.rows[name][b].top1_mean, 1) for b in EVAL_BACKBONES}
+            atomic_write_json(self.cache_path, self.cache)
+        return self.cache[key]
+
+
+def pixel_stats(folder: Path) -> dict[str, float]:
+    from benchmarks.diag_transfer import pixel_stats as stats
+    from engine.imagefolder import read_imagefolder
+
+    images, _, _ = read_imagefolder(folder)
+    return stats(images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "diag_defaults")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these runs (see RUNS)")
+    args = parser.parse_args(argv)
+    missing = fashion_mnist_missing(args.data_root)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    diag = Diag(args.work, args.data_root)
+    diag.build_stores()
+    rows = []
+    for kind, backbone in (("centroid", EFFNET), ("centroid", DINOV2), ("random", EFFNET)):
+        name = f"{kind}-{SHORT[backbone]}" if kind == "centroid" else "random"
+        images = diag.baseline(kind, backbone)
+        rows.append({"set": name, "steps": 0, "distilled on": "-", "options": "real images",
+                     **diag.evaluate(name, images, 3), **pixel_stats(images)})
+    for name in args.only or RUNS:
+        backbone, steps, options, store, seeds = RUNS[name]
+        out = diag.distill(name)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        shown = {k: v for k, v in options.items() if k != "backbone"}
+        rows.append({"set": name, "steps": steps,
+                     "distilled on": "+".join(SHORT[b] for b in options.get("backbone", [backbone])),
+                     "options": ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}"
+                                          for k, v in shown.items()) + (" (4-view store)" if store == "views4" else "")
+                     or "defaults",
+                     **diag.evaluate(name, out / "images", seeds), **pixel_stats(out / "images"),
+                     "s/step": round(metrics[-1]["seconds"] / len(metrics), 2)})
+    payload = {"rows": rows, "val_per_class": VAL_PER_CLASS, "train_per_class": TRAIN_PER_CLASS, "augs": AUGS}
+    text = (f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, **{VAL_PER_CLASS} val images per class** "
+            f"(a small split: compare within this table only), {IMAGE_SIZE} px, ipc 1, --augs {AUGS}; top-1 % on each "
+            f"backbone (3 probe seeds; 5 for the 1000-step and both-backbone runs); pixel statistics of the grey level "
+            f"(near_0 / near_1: share of pixels <= 0.02 / >= 0.98); s/step with two runs side by side on 2 cores.\n\n"
+            + markdown_table(rows))
+    write_results("diag_defaults", payload, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
