@@ -259,6 +259,23 @@ def test_init_centroid_starts_from_the_centroid_baseline_images(store, tmp_path)
     assert (random_start.images - picked).abs().max() > 0.1  # a random real image is another picture
 
 
+def test_default_init_without_the_source_images_is_one_line_naming_init_zero(tmp_path):
+    """--init centroid (the default) reads C x ipc real images once: a store whose source folder is gone
+    gives one `error:` line that names the way out (--init zero), exit 2, and --out stays empty."""
+    import shutil
+
+    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
+    store = tmp_path / "fs"
+    build("imagefolder", BACKBONE, store, data_root=root, dtype="fp32", workers=0, quiet=True)
+    shutil.rmtree(root)
+    out = tmp_path / "run"
+    line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
+                                "--steps", "2", "--augs", "1", "--quiet", "--device", "cpu"))
+    assert "--init centroid" in line and "--init zero" in line
+    assert not out.exists() or not any(out.iterdir())
+    assert distill(_config(store, out, init="zero")).steps_done == 7  # the way out works
+
+
 def test_end_to_end_real_side_finds_images_by_sample_id(shifted_folder):
     _, store = shifted_folder
     split = FeatureStore.open(store).split(BACKBONE, "train")
