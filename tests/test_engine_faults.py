@@ -189,10 +189,11 @@ def test_steps_may_grow_on_resume_under_grow_every_auto(store, tmp_path):
     was derived from the new --steps. It is fixed at the run's start (recorded in the checkpoint and
     config.json): the extension is the straight run with that schedule, bit for bit."""
     out, straight = tmp_path / "run", tmp_path / "straight"
-    first = distill(_config(store, out, steps=18, grow_every="auto", checkpoint_every=6))
-    extended = distill(_config(store, out, steps=36, grow_every="auto", checkpoint_every=6, resume=True))
+    grows = dict(init="zero")  # a growing pyramid: the default --init centroid starts it complete
+    first = distill(_config(store, out, steps=18, grow_every="auto", checkpoint_every=6, **grows))
+    extended = distill(_config(store, out, steps=36, grow_every="auto", checkpoint_every=6, resume=True, **grows))
     assert json.loads((out / "config.json").read_text())["resolved"]["grow_every"] == 1
-    whole = distill(_config(store, straight, steps=36, grow_every=1, checkpoint_every=6))
+    whole = distill(_config(store, straight, steps=36, grow_every=1, checkpoint_every=6, **grows))
     assert first.steps_done == 18 and extended.steps_done == 36
     assert torch.equal(extended.images, whole.images) and extended.losses == whole.losses
 
