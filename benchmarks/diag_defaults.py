@@ -33,8 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import fashion_mnist_missing, markdown_table, write_results  # noqa: E402
-from featurestore.runtime import atomic_write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, fashion_mnist_missing, markdown_table, write_results  # noqa: E402
+from featurestore.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 EFFNET, DINOV2, NSFW = "efficientnet-lite0", "dinov2-vits14-imgfocus", "opennsfw-resnet50"
 EVAL_BACKBONES = (EFFNET, DINOV2, NSFW)
@@ -157,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                      or "defaults",
                      **diag.evaluate(name, out / "images", seeds), **pixel_stats(out / "images"),
                      "s/step": round(metrics[-1]["seconds"] / len(metrics), 2)})
+    grids = RESULTS_DIR / "diag_defaults_grids"  # the pictures, beside the numbers
+    grids.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        source = (args.work / "runs" / row["set"] / "grid.png") if row["steps"] else None
+        if source is not None and source.is_file():
+            atomic_write_bytes(grids / f"{row['set']}.png", source.read_bytes())
+            row["grid"] = f"[png](diag_defaults_grids/{row['set']}.png)"
     payload = {"rows": rows, "val_per_class": VAL_PER_CLASS, "train_per_class": TRAIN_PER_CLASS, "augs": AUGS}
     text = (f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, **{VAL_PER_CLASS} val images per class** "
             f"(a small split: compare within this table only), {IMAGE_SIZE} px, ipc 1, --augs {AUGS}; top-1 % on each "
