@@ -29,6 +29,7 @@ lr = 5e-4), as the authors' full-dataset row (src/config/full_dataset_config.py:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -112,6 +113,16 @@ class CellResult:
                 "top5_mean": self.top5_mean, "top5_std": self.top5_std}
 
 
+def _md_text(text: str) -> str:
+    """Control characters (a newline in a folder name) as \\xNN: one table row or list item per line."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _md_cell(text: str) -> str:
+    """A markdown table cell: control characters escaped, '|' escaped."""
+    return _md_text(text).replace("|", "\\|")
+
+
 @dataclass
 class EvalResult:
     """rows[set name][backbone] -> CellResult; `config` records everything needed to reproduce."""
@@ -161,15 +172,16 @@ class EvalResult:
         for metric in ("top1", "top5"):
             header, rows = self.table(metric)
             lines = [f"### {metric.replace('top', 'top-')} accuracy (%), mean ± std over seeds", "",
-                     "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(r) + " |" for r in rows]
+                     "| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
             parts.append("\n".join(lines))
         cfg = self.config
         notes = [f"- store: `{cfg.get('store')}` ({cfg.get('dataset')}, {cfg.get('num_classes')} classes)",
                  f"- seeds: {cfg.get('seeds')}; probe: {cfg.get('protocol')}"]
         for name, path in cfg.get("image_sets", {}).items():
             made = ", ".join(self.sources.get(name, [])) or "no backbone (or unknown)"
-            notes.append(f"- `{name}`: `{path}` ({cfg.get('images_per_set', {}).get(name)} images; made with {made})")
+            notes.append(f"- `{_md_text(name)}`: `{_md_text(str(path))}` ({cfg.get('images_per_set', {}).get(name)} "
+                         f"images; made with {made})")
         if len(self.backbones) > 1:
             notes.append(f"- `{UNSEEN_COLUMN}`: mean top-1 over the evaluation backbones a set was not made with")
         if cfg.get("full"):

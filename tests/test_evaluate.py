@@ -236,3 +236,16 @@ def test_cli_eval_store_without_val(tmp_path, image_set):
     res = _run(["eval", "--store", str(store), "--images", str(path), "--backbone", "test-cnn", "--quiet"])
     assert res.exit_code == 2 and "test-cnn/val" in res.output
     assert not (path / "eval").exists()  # a refused command writes nothing
+
+
+def test_eval_md_table_survives_set_names_with_newlines_and_bars():
+    """Issue 20, defect 10: a set name with a newline (or a '|') broke eval.md's table rows."""
+    from engine.evaluate import CellResult, EvalResult
+
+    cell = CellResult(seeds=[0], top1=[50.0], top5=[90.0], num_images=10)
+    result = EvalResult(backbones=["test-cnn"], rows={"odd\nname|x": {"test-cnn": cell}},
+                        config={"image_sets": {"odd\nname|x": "/tmp/odd\nname"}})
+    lines = result.to_markdown().splitlines()
+    rows = [line for line in lines if line.startswith("| odd")]
+    assert rows == ["| odd\\x0aname\\|x | 50.0 ± 0.0 |", "| odd\\x0aname\\|x | 90.0 ± 0.0 |"], lines
+    assert all(not line.startswith("name") for line in lines)
