@@ -873,9 +873,11 @@ class FeatureStore:
             except Exception:  # noqa: BLE001 - unknown names fall through to the message below
                 pass
         if name not in self.backbones() or split not in self.splits(name):
+            root = self.attrs.get("dataset", {}).get("root") if isinstance(self.attrs.get("dataset"), dict) else None
+            data_root = f" --data-root {root}" if root else ""  # the command must find the same images
             raise StoreError(f"store {self.path} has no {backbone}/{split}; it holds: {self._holdings()}. "
                              f"Build it with `fs build {self.dataset} --backbone {backbone} --split {split} "
-                             f"--store {self.path}`")
+                             f"--store {self.path}{data_root}`")
         sp = StoreSplit(self, name, split, open_child(self.location, self.root[name], split, "split group"))
         problem = self.class_names_problem(sp.attrs.get("num_classes"))
         if problem is not None:

@@ -705,3 +705,15 @@ def test_class_names_that_disagree_with_the_arrays_are_damage(store_copy, class_
         FeatureStore.open(store_copy).split("test-cnn", "train")
     result = run("verify", "--store", store_copy)
     assert result.exit_code == 1 and fragment in result.stdout, result.output
+
+
+def test_the_advice_for_a_missing_split_repeats_the_data_root(tmp_path):
+    """Issue 20, defect 10: the missing-val advice lacked --data-root, so the command it printed failed."""
+    root = _tiny_folder(tmp_path / "data")
+    store = tmp_path / "s"
+    assert run("build", "imagefolder", "--data-root", root, "--backbone", "test-cnn", "--split", "train",
+               "--workers", "0", "--quiet", "--store", store).exit_code == 0
+    with pytest.raises(StoreError) as info:
+        FeatureStore.open(store).split("test-cnn", "val")
+    assert (f"`fs build imagefolder --backbone test-cnn --split val --store {store} --data-root {root}`"
+            in str(info.value)), str(info.value)
