@@ -51,6 +51,7 @@ RUNS: dict[str, tuple[str, int, dict[str, Any], str, int]] = {
     "lgm-dinov2-centroid-views4-300": (DINOV2, 300, {"init": "centroid", "lr": 3e-3}, "views4", 3),
     "lgm-effnet-centroid-lr-auto-old-300": (EFFNET, 300, {"init": "centroid", "lr": 10 / 300}, "main", 3),
     "lgm-effnet-centroid-300": (EFFNET, 300, {"init": "centroid", "lr": 3e-3}, "main", 3),
+    "lgm-effnet-centroid-augs10-300": (EFFNET, 300, {"init": "centroid", "lr": 3e-3, "augs": 10}, "main", 3),
     "lgm-effnet-centroid-1000": (EFFNET, 1000, {}, "main", 5),
     "lgm-dinov2-centroid-1000": (DINOV2, 1000, {}, "main", 5),
     "lgm-both-centroid-400": (EFFNET, 400, {"backbone": [EFFNET, DINOV2]}, "main", 5),
@@ -115,6 +116,9 @@ class Diag:
             result = evaluate(str(self.stores["main"]), {name: str(images)}, list(EVAL_BACKBONES), seeds=seeds,
                               quiet=True)
             self.cache[key] = {SHORT[b]: round(result.rows[name][b].top1_mean, 1) for b in EVAL_BACKBONES}
+            # Merge with what is on disk: another process (--only) may share --work.
+            on_disk = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
+            self.cache = {**on_disk, **self.cache}
             atomic_write_json(self.cache_path, self.cache)
         return self.cache[key]
 
