@@ -120,7 +120,7 @@ class Diag:
             on_disk = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
             self.cache = {**on_disk, **self.cache}
             atomic_write_json(self.cache_path, self.cache)
-        return self.cache[key]
+        return {SHORT[b]: self.cache[key][SHORT[b]] for b in EVAL_BACKBONES}  # one column order
 
 
 def pixel_stats(folder: Path) -> dict[str, float]:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(a small split: compare within this table only), {IMAGE_SIZE} px, ipc 1, --augs {AUGS}; top-1 % on each "
             f"backbone (3 probe seeds; 5 for the 1000-step and both-backbone runs); pixel statistics of the grey level "
             f"(near_0 / near_1: share of pixels <= 0.02 / >= 0.98); s/step with two runs side by side on 2 cores.\n\n"
-            + markdown_table(rows))
+            + markdown_table(rows, list(dict.fromkeys(k for row in rows for k in row))))
     write_results("diag_defaults", payload, text)
     print(text)
     return 0
