@@ -74,3 +74,20 @@ def test_get_objective():
         get_objective("mtt", 10)
     with pytest.raises(UserError, match="does not take ridge"):
         get_objective("lgm", 10, ridge=1.0)
+
+
+@pytest.mark.parametrize("method, option", [("lgm", "--head-std"), ("clp", "--ridge")])
+def test_an_objective_option_that_can_only_give_nan_is_one_line_up_front(method, option, tmp_path):
+    """Issue 20, defect 10: --head-std 1e308 / --ridge 1e308 ran into a NaN loss whose advice was a lower --lr
+    (no rate fixes those); they are refused before anything runs, naming the option and its range."""
+    from typer.testing import CliRunner
+
+    from cli.engine import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["distill", "--store", str(tmp_path / "no-store"), "--backbone", "test-cnn",
+                                      "--out", str(out), "--method", method, option, "1e308", "--quiet"])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and option in lines[0] and "1e+308" in lines[0]
+    assert not out.exists()

@@ -69,12 +69,16 @@ class CLPConfig:
     temperature: float = option(DEFAULT_TEMPERATURE, "clp: softmax temperature of the closed-form probe.")
 
     def validate(self) -> None:
-        if not (math.isfinite(self.ridge) and self.ridge > 0):
-            raise ObjectiveError(f"--ridge must be > 0 (it is relative to the kernel's mean diagonal), got {self.ridge}")
+        if not (math.isfinite(self.ridge) and 0 < self.ridge <= MAX_RIDGE):
+            raise ObjectiveError(f"--ridge must be in (0, {MAX_RIDGE:g}] (it is relative to the kernel's mean "
+                                 f"diagonal), got {self.ridge}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ObjectiveError(f"--temperature must be > 0, got {self.temperature}")
 
 
+# The ridge is relative to the kernel's mean diagonal: far above this the closed-form head is ~0, its
+# gradients underflow and the loss turns NaN — a value no --lr can fix, so it is refused up front.
+MAX_RIDGE = 1e6
 _JITTER_START = 1e-6
 _JITTER_RETRIES = 6
 

@@ -26,6 +26,9 @@ from featurestore.options import option
 MATCH_MODES = ("global", "per-class")
 DEFAULT_HEAD_STD = 0.01
 DEFAULT_MATCH = "global"
+# Logits are head_std x |features| (features have norms of tens): far above this the softmax saturates to
+# one-hot, both gradients vanish and the cosine is 0/0 — a NaN that no --lr can fix, so it is refused here.
+MAX_HEAD_STD = 1e3
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,9 @@ class LGMConfig:
     match: str = option(DEFAULT_MATCH, "lgm: global (one cosine, the authors') or per-class.")
 
     def validate(self) -> None:
-        if not (math.isfinite(self.head_std) and self.head_std > 0):
-            raise ObjectiveError(f"--head-std must be a positive finite number, got {self.head_std}")
+        if not (math.isfinite(self.head_std) and 0 < self.head_std <= MAX_HEAD_STD):
+            raise ObjectiveError(f"--head-std must be in (0, {MAX_HEAD_STD:g}] (the authors' {DEFAULT_HEAD_STD}), "
+                                 f"got {self.head_std}")
         if self.match not in MATCH_MODES:
             raise ObjectiveError(f"--match must be one of {', '.join(MATCH_MODES)}, got {self.match!r}")
 
