@@ -558,71 +558,88 @@ def steps(run: Run) -> None:
     # A single process takes Ctrl-C and SIGTERM as KeyboardInterrupt (held only around the update); ranks
     # of a distributed run only flag them and stop together at a step boundary.
     signals = stop_flags() if run.ctx.is_distributed else sigterm_as_ctrl_c()
+    states: dict[str, Any] = {}
+    drawn = False  # this step's random draws are made, the parameters not yet updated
     try:
         with signals as stop_requested:
-            while index < cfg.steps:
-                states = {k: g.get_state() for k, g in run.generators.items() if k != "init"}
-                t0 = time.perf_counter()
-                try:
-                    loss_value, member_losses, any_stop = step(run, index, stop_requested)
-                except KeyboardInterrupt:
-                    any_stop = True
-                if any_stop:
-                    # Nothing of this step reached the parameters (a growth is a consistent state on its own):
-                    # rewind the step's random draws and save the state "after `index` steps".
+            try:
+                while index < cfg.steps:
+                    states = {k: g.get_state() for k, g in run.generators.items() if k != "init"}
+                    t0 = time.perf_counter()
+                    try:
+                        loss_value, member_losses, any_stop = step(run, index, stop_requested)
+                        drawn = True
+                    except KeyboardInterrupt:
+                        any_stop = True
+                    if any_stop:
+                        # Nothing of this step reached the parameters (a growth is a consistent state on its own):
+                        # rewind the step's random draws and save the state "after `index` steps".
+                        for k, state in states.items():
+                            run.generators[k].set_state(state)
+                        _save_on_stop(run, index)
+                    if not math.isfinite(loss_value):
+                        if run.last_saved is not None:
+                            advice = (f"the last good checkpoint (step {run.last_saved}) is kept: rerun with --resume "
+                                      f"and a lower --lr (now {run.lr_history[-1]['lr']:.3g}) to continue from it with the "
+                                      f"new rate")
+                        else:
+                            advice = (f"no checkpoint was written yet: rerun the same command with a lower --lr "
+                                      f"(now {run.lr_history[-1]['lr']:.3g}); it starts again from step 0")
+                        raise NonFiniteLossError(f"the loss became {loss_value} at step {index + 1}; {advice}")
+                    try:
+                        with (defer_sigint() if not run.ctx.is_distributed else nullcontext()):
+                            run.optimizer.step()
+                            index += 1
+                            drawn = False
+                            now = time.perf_counter()
+                            record = {"step": index, "loss": loss_value, "step_seconds": round(now - t0, 6),
+                                      "seconds": round(elapsed_before + now - run_start, 6),
+                                      "peak_memory_mb": round(_peak_memory_mb(device), 2)}
+                            if len(run.members) > 1:
+                                record["loss_by_backbone"] = {m.name: v for m, v in zip(run.members, member_losses)}
+                            if cfg.param == "pyramid":
+                                record["levels"] = len(run.synthetic.parameters())
+                            run.metrics.append(record)
+                            if run.main:
+                                with run.writes():
+                                    append_metric(metrics_path, record)
+                            if index % cfg.checkpoint_every == 0 or index == cfg.steps:
+                                run.save_checkpoint(index)
+                        probes = [m for m in run.members if m.probe is not None]
+                        if probes and (index % cfg.eval_every == 0 or index == cfg.steps):
+                            t_probe = time.perf_counter()
+                            by_backbone = {m.name: round(m.probe(), 3) for m in probes}
+                            top1 = sum(by_backbone.values()) / len(by_backbone)
+                            probe_seconds = time.perf_counter() - t_probe
+                            run_start += probe_seconds  # distillation time excludes the probe's
+                            probed = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(probe_seconds, 3),
+                                      "seconds": record["seconds"]}
+                            if len(by_backbone) > 1:
+                                probed["probe_top1_by_backbone"] = by_backbone
+                            run.metrics.append(probed)
+                            if run.main:
+                                with run.writes():
+                                    append_metric(metrics_path, probed)
+                            bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
+                    except KeyboardInterrupt:
+                        if index != run.last_saved:
+                            run.save_checkpoint(index)
+                        raise DistillInterrupted(index, True, run.out) from None
+                    if "probe_top1" not in run.metrics[-1]:
+                        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    bar.update(1)
+            except DistillInterrupted:
+                raise
+            except KeyboardInterrupt:
+                # Ctrl-C / SIGTERM in the bookkeeping between the guarded parts of a step (progress bar,
+                # generator snapshots): the state is that of `index` finished steps once this step's
+                # random draws, if made, are rewound.
+                if drawn:
                     for k, state in states.items():
                         run.generators[k].set_state(state)
-                    _save_on_stop(run, index)
-                if not math.isfinite(loss_value):
-                    if run.last_saved is not None:
-                        advice = (f"the last good checkpoint (step {run.last_saved}) is kept: rerun with --resume "
-                                  f"and a lower --lr (now {run.lr_history[-1]['lr']:.3g}) to continue from it with the "
-                                  f"new rate")
-                    else:
-                        advice = (f"no checkpoint was written yet: rerun the same command with a lower --lr "
-                                  f"(now {run.lr_history[-1]['lr']:.3g}); it starts again from step 0")
-                    raise NonFiniteLossError(f"the loss became {loss_value} at step {index + 1}; {advice}")
-                try:
-                    with (defer_sigint() if not run.ctx.is_distributed else nullcontext()):
-                        run.optimizer.step()
-                        index += 1
-                        now = time.perf_counter()
-                        record = {"step": index, "loss": loss_value, "step_seconds": round(now - t0, 6),
-                                  "seconds": round(elapsed_before + now - run_start, 6),
-                                  "peak_memory_mb": round(_peak_memory_mb(device), 2)}
-                        if len(run.members) > 1:
-                            record["loss_by_backbone"] = {m.name: v for m, v in zip(run.members, member_losses)}
-                        if cfg.param == "pyramid":
-                            record["levels"] = len(run.synthetic.parameters())
-                        run.metrics.append(record)
-                        if run.main:
-                            with run.writes():
-                                append_metric(metrics_path, record)
-                        if index % cfg.checkpoint_every == 0 or index == cfg.steps:
-                            run.save_checkpoint(index)
-                    probes = [m for m in run.members if m.probe is not None]
-                    if probes and (index % cfg.eval_every == 0 or index == cfg.steps):
-                        t_probe = time.perf_counter()
-                        by_backbone = {m.name: round(m.probe(), 3) for m in probes}
-                        top1 = sum(by_backbone.values()) / len(by_backbone)
-                        probe_seconds = time.perf_counter() - t_probe
-                        run_start += probe_seconds  # distillation time excludes the probe's
-                        probed = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(probe_seconds, 3),
-                                  "seconds": record["seconds"]}
-                        if len(by_backbone) > 1:
-                            probed["probe_top1_by_backbone"] = by_backbone
-                        run.metrics.append(probed)
-                        if run.main:
-                            with run.writes():
-                                append_metric(metrics_path, probed)
-                        bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
-                except KeyboardInterrupt:
-                    if index != run.last_saved:
-                        run.save_checkpoint(index)
-                    raise DistillInterrupted(index, True, run.out) from None
-                if "probe_top1" not in run.metrics[-1]:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                bar.update(1)
+                if index != run.last_saved:
+                    run.save_checkpoint(index)
+                raise DistillInterrupted(index, True, run.out) from None
     finally:
         bar.close()
     if run.last_saved != index:
