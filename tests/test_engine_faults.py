@@ -82,6 +82,22 @@ def _solid_folder(root: Path, colours: dict[str, tuple[int, int, int]], per_clas
     return root
 
 
+def _solid_store(tmp_path: Path) -> tuple[Path, Path]:
+    """(source folder of red class a / blue class b, the train split's store built from it)."""
+    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
+    path = tmp_path / "fs"
+    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    return root, path
+
+
+def _rebuild(root: Path, path: Path) -> None:
+    """The store built again at the same path from the (changed) source folder."""
+    import shutil
+
+    shutil.rmtree(path)
+    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -167,17 +183,12 @@ def test_resume_refuses_a_store_rebuilt_from_other_images(tmp_path):
 def test_resume_refuses_a_store_of_as_many_other_images(tmp_path):
     """The same row count and labels, other images (other sample ids): a check of the row count alone would
     let this checkpoint continue on a different dataset."""
-    import shutil
-
-    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
-    path = tmp_path / "fs"
-    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    root, path = _solid_store(tmp_path)
     out = tmp_path / "run"
     distill(_config(path, out, steps=7, grow_every=1))
     for image in sorted(root.glob("train/*/*.png")):
         image.rename(image.with_name(image.name.replace("img", "other")))
-    shutil.rmtree(path)
-    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    _rebuild(root, path)
     assert FeatureStore.open(path).split(BACKBONE, "train").n == 6
     with pytest.raises(DistillError, match="changed since the checkpoint"):
         distill(_config(path, out, steps=8, resume=True))
@@ -202,17 +213,12 @@ def test_resume_refuses_a_store_rebuilt_from_other_pixels_under_the_same_names(t
     """Issue 20, defect 2: the run identity was the sample ids and labels only, so a store rebuilt at the
     same path from the same file names with other pixels was resumed, mixing two datasets. A digest of
     the stored features (their chunk checksums, which every read checks) is now part of it."""
-    import shutil
-
-    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
-    path = tmp_path / "fs"
-    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    root, path = _solid_store(tmp_path)
     out = tmp_path / "run"
     distill(_config(path, out, steps=7, grow_every=1))
     for image in sorted(root.glob("train/*/*.png")):
         Image.new("RGB", (40, 40), (0, 200, 0)).save(image)
-    shutil.rmtree(path)
-    build("imagefolder", BACKBONE, path, data_root=root, dtype="fp32", workers=0, quiet=True, splits=["train"])
+    _rebuild(root, path)
     with pytest.raises(DistillError, match="changed since the checkpoint"):
         distill(_config(path, out, steps=8, resume=True))
 
@@ -265,9 +271,7 @@ def test_default_init_without_the_source_images_is_one_line_naming_init_zero(tmp
     gives one `error:` line that names the way out (--init zero), exit 2, and --out stays empty."""
     import shutil
 
-    root = _solid_folder(tmp_path / "data", {"a": (255, 0, 0), "b": (0, 0, 255)})
-    store = tmp_path / "fs"
-    build("imagefolder", BACKBONE, store, data_root=root, dtype="fp32", workers=0, quiet=True)
+    root, store = _solid_store(tmp_path)
     shutil.rmtree(root)
     out = tmp_path / "run"
     line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
