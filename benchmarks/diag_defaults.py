@@ -55,6 +55,11 @@ RUNS: dict[str, tuple[str, int, dict[str, Any], str, int]] = {
     "lgm-effnet-centroid-1000": (EFFNET, 1000, {}, "main", 5),
     "lgm-dinov2-centroid-1000": (DINOV2, 1000, {}, "main", 5),
     "lgm-both-centroid-400": (EFFNET, 400, {"backbone": [EFFNET, DINOV2]}, "main", 5),
+    # The feature space the objective compares in (--feature-space), at the default rate 2e-3.
+    "lgm-effnet-raw-300": (EFFNET, 300, {"feature_space": "raw"}, "main", 3),
+    "lgm-effnet-standardized-300": (EFFNET, 300, {"feature_space": "standardized"}, "main", 3),
+    "lgm-dinov2-raw-300": (DINOV2, 300, {"feature_space": "raw"}, "main", 3),
+    "lgm-dinov2-standardized-300": (DINOV2, 300, {"feature_space": "standardized"}, "main", 3),
 }
 
 

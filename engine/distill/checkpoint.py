@@ -25,7 +25,9 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
 # Options that define the optimization problem, besides the objective's own.
 RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "augs", "real_batch", "param", "init", "colour", "decorrelate",
-               "grow_every", "real_source", "augment", "seed", "weights", "image_size")
+               "grow_every", "real_source", "augment", "seed", "weights", "image_size", "feature_space")
+# Options added after checkpoints were made without them: the value those checkpoints ran with.
+RESUME_KEYS_ADDED = {"feature_space": "raw"}
 _STATE_KEYS = ("format", "step", "run", "synthetic", "optimizer", "generators", "metrics")
 
 
@@ -107,7 +109,7 @@ def load_checkpoint(out: Path, cfg: DistillConfig, splits: list, resolved: dict[
     """The checkpoint in `out` (or `state`, already read from it), checked against `cfg` and the store
     split it will run on; DistillError (one line) when it cannot resume it."""
     state = read_checkpoint(out) if state is None else state
-    saved = state["run"]
+    saved = {**RESUME_KEYS_ADDED, **state["run"]}
     ours = run_identity(cfg, splits, resolved)
     if saved.get("backbone") == ours["backbone"] and not _same_store_content(saved.get("store_content"),
                                                                             ours["store_content"]):

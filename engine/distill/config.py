@@ -17,6 +17,7 @@ INITS = ("noise", "zero", "real", "centroid")
 # Inits that start from real images of each class (the pyramid then starts complete: no growth schedule).
 REAL_INITS = ("real", "centroid")
 REAL_SOURCES = ("store", "images")
+FEATURE_SPACES = ("raw", "standardized")
 
 
 class DistillError(UserError):
@@ -67,6 +68,9 @@ class DistillConfig:
     chunk: int | str = option("auto", "Augmented copies per backbone pass with a graph (bounds memory), or auto.")
     real_source: str = option("store", "store (stored features) or images (end to end through the backbone, "
                                        "as the authors).")
+    feature_space: str = option("raw", "Features the objective compares: raw (the backbone's), or standardized "
+                                       "(each dimension shifted and scaled by the real split's mean and std, "
+                                       "from the store's class statistics; the same map on both sides).")
     augment: bool = option(True, "Augmentation on both sides (--no-augment: none).", flag="--augment/--no-augment")
     checkpoint_every: int = option(100, "Steps between checkpoints.")
     eval_every: int = option(0, "Every K steps, a cheap probe of the current set on the store's val features "
@@ -119,7 +123,7 @@ class DistillConfig:
         resolve_lr(self.lr, self.steps, self.init)
         objective_config(self.method, self.objective)
         for name, allowed in (("param", PARAMETERIZATIONS), ("init", INITS), ("real_source", REAL_SOURCES),
-                              ("colour", COLOURS)):
+                              ("colour", COLOURS), ("feature_space", FEATURE_SPACES)):
             if getattr(self, name) not in allowed:
                 raise DistillError(f"--{name.replace('_', '-')} must be {' or '.join(allowed)}, "
                                    f"got {getattr(self, name)!r}")

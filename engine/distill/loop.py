@@ -53,6 +53,7 @@ from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
 from engine.imagefolder import class_folder_names, write_imagefolder
+from engine.distill.feature_space import FeatureMap, feature_map
 from engine.objectives import Objective, get_objective
 from engine.outputs import append_metric, save_grid, save_loss_plot, save_safetensors, write_metrics
 from engine.parameterizations import (SyntheticImages, auto_grow_every, check_schedule, make_synthetic,
@@ -94,6 +95,7 @@ class Member:
     pass_info: dict[str, Any] = field(default_factory=dict)
     real_plan: str = ""
     probe: Callable[[], float] | None = None  # --eval-every: top-1 of the current images (rank 0)
+    features: FeatureMap | None = None  # --feature-space: the map both sides pass through (None: raw)
 
     @property
     def name(self) -> str:
@@ -420,7 +422,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
             real = ImageRealSource.from_split(split, backbone, batch=real_batch, augment_images=cfg.augment)
         members.append(Member(split=split, backbone=backbone, real=real, weight=weight / sum(weights),
                               side=SyntheticSide(backbone, cfg.augs, cfg.augment, AugmentConfig()),
-                              real_plan=real_plan))
+                              real_plan=real_plan, features=feature_map(cfg.feature_space, split, device)))
         if ctx.is_main and not cfg.quiet:
             prefix = "" if len(splits) == 1 else f"{split.backbone}: "
             print(prefix + real_plan, file=sys.stderr)
@@ -530,8 +532,13 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
     run.optimizer.zero_grad(set_to_none=True)
     losses = []
     for member, (real_features, real_labels) in zip(run.members, reals):
+        if member.features is not None:
+            real_features = member.features(real_features.to(member.features.shift.device, torch.float32))
+
         def loss_fn(syn_features: Tensor, copy_labels: Tensor, weight=member.weight, real_features=real_features,
-                    real_labels=real_labels) -> Tensor:
+                    real_labels=real_labels, features=member.features) -> Tensor:
+            if features is not None:
+                syn_features = features(syn_features.float())
             return weight * run.objective.loss(syn_features, copy_labels, real_features, real_labels,
                                                generators["head"])
 
