@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -33,8 +34,9 @@ def _config(store: Path, out: Path, **kw) -> DistillConfig:
 
 
 def test_each_backbone_term_is_its_single_backbone_loss(store, tmp_path):
-    both = distill(_config(store, tmp_path / "both", steps=7, eval_every=7))
-    alone = distill(_config(store, tmp_path / "cnn", backbone=["test-cnn"], steps=7))
+    # From grey images: the centroid init of several backbones is their joint pick, not the first one's.
+    both = distill(_config(store, tmp_path / "both", steps=7, eval_every=7, init="zero"))
+    alone = distill(_config(store, tmp_path / "cnn", backbone=["test-cnn"], steps=7, init="zero"))
     lines = [json.loads(x) for x in (tmp_path / "both" / "metrics.jsonl").read_text().splitlines()]
     first = lines[0]
     # Step 1: the first backbone draws the same head and sees the same augmented copies as alone.
@@ -112,3 +114,32 @@ def test_eval_table_has_the_mean_over_unseen_backbones(store, tmp_path):
     assert by_row["centroid"][-1] == f"{result.rows['centroid']['test-cnn'].top1_mean:.1f}"
     both = (result.rows["random"]["test-cnn"].top1_mean + result.rows["random"]["test-vit"].top1_mean) / 2
     assert by_row["random"][-1] == f"{both:.1f}" and by_row["full"][-1] == "-"
+
+
+def test_centroid_init_of_several_backbones_is_their_joint_pick(store):
+    """The image nearest its class mean for every backbone at once: the argmin over the class's samples of
+    the sum over backbones of the squared distance to that backbone's class mean, each divided by the
+    backbone's mean within-class squared distance (a reference computation in float64)."""
+    from engine.baselines import pick_cluster_centroids
+    from engine.distill.loop import _init_features
+    from featurestore.store import FeatureStore
+
+    splits = [FeatureStore.open(store).split(name, "train") for name in BACKBONES]
+    features, data = _init_features(splits)
+    picked = pick_cluster_centroids(features, data.labels.numpy(), 10, 1)
+    loaded = [split.load(view=0) for split in splits]
+    labels = loaded[0].labels.numpy()
+    cost = np.zeros(len(labels))
+    for part in loaded:
+        f = part.features.double().numpy()
+        centred = f - np.stack([f[labels == c].mean(0) for c in range(10)])[labels]
+        cost += (centred ** 2).sum(1) / ((centred ** 2).sum() / len(f))
+    for c in range(10):
+        members = np.flatnonzero(labels == c)
+        assert picked[c].tolist() == [members[np.argmin(cost[members])]]
+    # One backbone: its own features, unscaled (the single-backbone pick is unchanged) - and here a pick
+    # of another image for some class, so the joint pick is not the first backbone's by construction.
+    alone, _ = _init_features(splits[:1])
+    np.testing.assert_array_equal(alone, loaded[0].features.numpy())
+    first_only = pick_cluster_centroids(alone, labels, 10, 1)
+    assert any(first_only[c].tolist() != picked[c].tolist() for c in range(10))

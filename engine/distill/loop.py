@@ -319,16 +319,40 @@ def _quick_probe(cfg: DistillConfig, ctx: DistContext, store, member: Member, sy
     return probe
 
 
-def _real_init_images(split, num_classes: int, ipc: int, resolution: int, generator: torch.Generator,
+def _init_features(splits: list) -> tuple[Any, Tensor]:
+    """(view-0 features, the split's data) the centroid init picks from. Several backbones: each one's
+    features divided by its mean within-class distance, then concatenated, so the picked image is the one
+    most typical of its class for every backbone at once (not only for the first)."""
+    data = splits[0].load(view=0)
+    if len(splits) == 1:
+        return data.features.numpy(), data
+    parts = []
+    for split in splits:
+        other = data if split is splits[0] else split.load(view=0)
+        if not torch.equal(other.rows, data.rows):  # _splits checked the samples: a damaged store
+            raise DistillError(f"{split.backbone}/{split.split_name} and {splits[0].backbone}/"
+                               f"{splits[0].split_name} list their rows in another order: rebuild one of them")
+        features = other.features.double()
+        spread = torch.zeros(())
+        for c in other.labels.unique():
+            members = features[other.labels == c]
+            spread += ((members - members.mean(0)) ** 2).sum()
+        parts.append(features / (spread / len(features)).sqrt().clamp_min(1e-12))
+    return torch.cat(parts, dim=1).float().numpy(), data
+
+
+def _real_init_images(splits: list, num_classes: int, ipc: int, resolution: int, generator: torch.Generator,
                       init: str = "real") -> Tensor:
     """ipc real images per class (canonical, at the synthetic resolution), class by class: random ones
     (`real`), or (`centroid`) the one whose stored view-0 features are nearest the class mean (the pick of
-    `engine baseline --kind centroid`), with ipc > 1 the nearest of each of ipc k-means centres."""
+    `engine baseline --kind centroid`), with ipc > 1 the nearest of each of ipc k-means centres; with
+    several backbones, in their joint features (`_init_features`)."""
     from engine.baselines import pick_cluster_centroids
     from featurestore.datasets import canonical_image
 
-    data = split.load(view=0)
-    nearest = (pick_cluster_centroids(data.features.numpy(), data.labels.numpy(), num_classes, ipc)
+    split = splits[0]
+    features, data = _init_features(splits) if init == "centroid" else (None, split.load(view=0))
+    nearest = (pick_cluster_centroids(features, data.labels.numpy(), num_classes, ipc)
                if init == "centroid" else None)
     picks = []
     for c in range(num_classes):
@@ -430,7 +454,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
                 print(f"{prefix}real side: {real.note}", file=sys.stderr)
     generators = make_generators(cfg.seed)
     if checkpoint is None and cfg.init in REAL_INITS:
-        init_images = _real_init_images(splits[0], num_classes, cfg.ipc, resolution, generators["init"], cfg.init)
+        init_images = _real_init_images(splits, num_classes, cfg.ipc, resolution, generators["init"], cfg.init)
     elif checkpoint is not None:  # overwritten by the checkpoint: no draw, no image reads
         init_images = torch.zeros(num_classes * cfg.ipc, 3, resolution, resolution)
     else:
