@@ -3,7 +3,7 @@
 Parts, each in its own process with its own timeout (a failure or a hang in one does not stop the others),
 the whole under ~8 minutes on one datacenter GPU:
 
-  kernel-tests   pytest tests/test_kernels.py. That file runs the Triton kernels on CPU tensors through the
+  kernel-tests   pytest tests/engine/test_kernels.py. That file runs the Triton kernels on CPU tensors through the
                  Triton interpreter, so it proves the kernels' logic, not the CUDA dispatch; hence:
   kernel-cuda    `linear_ce_grad` on CUDA tensors (fp32 with IEEE and with TF32 GEMMs, bf16 inputs) against
                  autograd of F.cross_entropy w.r.t. (W, b) in float64, and its backward w.r.t. the features
@@ -58,7 +58,7 @@ if str(REPO_ROOT) not in sys.path:
 TOTAL_BUDGET_S = 470          # the whole check must end within 8 minutes
 # name -> (timeout in seconds on a GPU, what it checks)
 PARTS: dict[str, tuple[int, str]] = {
-    "kernel-tests": (110, "pytest tests/test_kernels.py (Triton kernels via the interpreter, CPU path)"),
+    "kernel-tests": (110, "pytest tests/engine/test_kernels.py (Triton kernels via the interpreter, CPU path)"),
     "kernel-cuda": (60, "linear_ce_grad on CUDA tensors vs float64 autograd (fp32, TF32, bf16; backward)"),
     "bench-kernel": (60, "bench_kernel at N = 262144 / 1281167, C = 1000, D = 768 (+ fused with TF32)"),
     "distill-steps": (110, "LGM steps, random ViT-B/14 at 224 px, C = 100, ipc 1, augs 10: store vs end to end"),
@@ -99,11 +99,11 @@ def tail_reason(proc: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------------------ parts
 
 def part_kernel_tests(ctx: Context) -> dict[str, Any]:
-    proc = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"])
+    proc = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/engine/test_kernels.py"])
     summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line and
                     ("passed" in line or "failed" in line or "error" in line)), "")
     out = {"summary": one_line(summary.strip("= ")),
-           "note": "tests/test_kernels.py runs the Triton kernels on CPU tensors (TRITON_INTERPRET=1); "
+           "note": "tests/engine/test_kernels.py runs the Triton kernels on CPU tensors (TRITON_INTERPRET=1); "
                    "the CUDA dispatch is checked by kernel-cuda"}
     if proc.returncode != 0:
         return {"status": "failed", "reason": one_line(f"pytest exit {proc.returncode}: {summary or tail_reason(proc)}"),

@@ -32,7 +32,7 @@ from featurestore.runtime import exclusive_lock
 from featurestore.store import FeatureStore
 
 BACKBONE = "test-cnn"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

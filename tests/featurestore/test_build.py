@@ -26,7 +26,7 @@ from featurestore.errors import StoreError, UserError
 from featurestore.info import store_info
 from featurestore.store import FeatureStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(splits=["train"], limit_per_class=4, chunk_rows=16, batch_size=8, workers=0, quiet=True)
 
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.kernels import blocked, linear_ce_grad
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_inputs(n: int, c: int, d: int, *, dtype=torch.float32, scale: float = 1.0, seed: int = 0):

@@ -19,7 +19,7 @@ from featurestore.distributed import DistEnv, DistributedError, init_process_gro
 from featurestore.errors import StoreError
 from featurestore.store import FeatureStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # 5 per class x 10 classes = 50 rows in 7 units of 8 rows (the last one short).
 OPTIONS = dict(splits=["train"], limit_per_class=5, chunk_rows=8, batch_size=4, workers=0, full_cov=True, quiet=True)

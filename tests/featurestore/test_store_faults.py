@@ -30,9 +30,9 @@ from featurestore import schema
 from featurestore.datasets import CorruptImageError, decode_image_file, open_dataset
 from featurestore.errors import StoreError
 from featurestore.store import FeatureStore
-from tests.test_store_build import assert_groups_identical
+from tests.featurestore.test_build import assert_groups_identical
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--limit-per-class", "4", "--split", "train", "--chunk-rows", "16", "--batch-size", "8",
         "--workers", "0", "--quiet"]
 BUILD = ["build", "gratings", "--backbone", "test-cnn", *TINY]  # 40 rows, units of 16, 16, 8 rows

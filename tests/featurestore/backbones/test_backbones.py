@@ -23,7 +23,7 @@ from featurestore.datasets import canonical_image
 from featurestore.errors import BackboneError
 from featurestore.backbones.imgfocus import find_imgfocus_onnx, imgfocus_state_dict, load_imgfocus_dinov2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 IMAGENET_MILITARY_UNIFORM = 652
 # ImageNet classes a correct classifier puts on Grace Hopper's portrait (uniform, cap, gown, tie, suit).
 IMAGENET_PORTRAIT_CLASSES = [652, 667, 400, 457, 834, 906]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli.fs import app
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUILD = ["build", "synthetic", "--backbone", "test-cnn", "--limit-per-class", "4", "--split", "train",
          "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", "--quiet"]
 
