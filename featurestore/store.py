@@ -437,16 +437,15 @@ class StoreSplit:
         return node
 
     def _expected_shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape the split's attributes give the per-row arrays (None for the others)."""
+        """The shape the split's attributes give array `name` (None for an unknown name). Every array is
+        checked, not only the per-row ones: a statistics array declaring another D or class count would
+        otherwise fail to decode and be called a damaged chunk, advising a `--repair` that then refuses
+        (verify calls a wrong shape metadata damage, which only rebuilding the split fixes)."""
         try:
-            n, d, k = int(self.attrs["num_images"]), int(self.attrs["dim"]), int(self.attrs["views"])
-        except (KeyError, TypeError, ValueError):
+            spec = array_specs(self.attrs, self.store.num_classes).get(name)
+        except (KeyError, TypeError, ValueError, StoreError):
             return None  # verify names incomplete attributes
-        if name == FEATURES:
-            return (n, d) if k == 1 else (n, k, d)
-        if name in (LABELS, SAMPLE_IDS):
-            return (n,)
-        return None
+        return None if spec is None else tuple(int(x) for x in spec["shape"])
 
     def _read(self, name: str, selection: Any = slice(None), unit: int | None = None,
               array: zarr.Array | None = None) -> np.ndarray:

@@ -717,3 +717,29 @@ def test_the_advice_for_a_missing_split_repeats_the_data_root(tmp_path):
         FeatureStore.open(store).split("test-cnn", "val")
     assert (f"`fs build imagefolder --backbone test-cnn --split val --store {store} --data-root {root}`"
             in str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("name", [schema.CLASS_MEAN, schema.CLASS_COUNT])
+def test_an_array_of_another_d_advises_what_repair_can_do(store_copy, name):
+    """Issue 20, defect 10: a statistics array whose metadata declares another feature dimension D (or
+    class count) failed its read advising `fs build ... --repair`, and --repair then refused ("cannot be
+    repaired unit by unit"). Reads now compare every array's shape with the split's attributes and give
+    the advice verify gives: delete the split and rebuild it; following that advice works."""
+    meta_path = store_copy / SPLIT / name / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = [*meta["shape"][:-1], meta["shape"][-1] + 8]
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [*meta["chunk_grid"]["configuration"]["chunk_shape"][:-1],
+                                                          meta["shape"][-1]]
+    meta_path.write_text(json.dumps(meta))
+    sp = FeatureStore.open(store_copy).split("test-cnn", "train")
+    with pytest.raises(StoreError) as info:
+        getattr(sp, name)()
+    assert "--repair" not in str(info.value) and f"{name} has shape" in str(info.value), info.value
+    assert "rebuild the split" in str(info.value)
+    verify = run("verify", "--store", store_copy)
+    assert verify.exit_code == 1 and "repair with" not in verify.stdout, verify.output
+    repair = run(*BUILD, "--store", store_copy, "--repair")
+    one_line_error(repair, "cannot be repaired unit by unit", "rebuild the split")
+    shutil.rmtree(store_copy / SPLIT)  # the advice, followed
+    assert run(*BUILD, "--store", store_copy).exit_code == 0
+    assert run("verify", "--store", store_copy).exit_code == 0
