@@ -59,22 +59,46 @@ UNSEEN_COLUMN = "mean over unseen backbones"
 
 def set_sources(path: str | os.PathLike) -> list[str]:
     """The backbones an image set was made with, from its run's record: a distill run's backbones, a
-    centroid/neighbors baseline's ranking backbone; none for random real images or a plain folder."""
+    centroid/neighbors baseline's ranking backbone; none for random real images or a plain folder.
+
+    A record that does not parse as JSON, or lacks the field, is treated as unknown (every backbone
+    unseen). A field that is there but malformed (`backbones` not a list of {"name": str} records) is a
+    UserError, raised before any evaluation: it used to fail only when the table was written."""
     import json
 
     root = resolve_image_dir(path)
     run = root.parent if root.name == "images" else root
-    try:
-        if (run / "config.json").is_file():
-            config = json.loads((run / "config.json").read_text())
-            if "backbones" in config:
-                return [b["name"] for b in config["backbones"]]
-            return [config["backbone"]["name"]] if "backbone" in config else []
-        if (run / "baseline.json").is_file():
-            record = json.loads((run / "baseline.json").read_text())
-            return [] if record.get("kind") == "random" else [record["backbone"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # an unreadable record: treated as unknown, every backbone unseen
+    for record_name in ("config.json", "baseline.json"):
+        record_path = run / record_name
+        if not record_path.is_file():
+            continue
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            return []  # an unreadable record: treated as unknown, every backbone unseen
+        if not isinstance(record, dict):
+            return []
+        if record_name == "baseline.json":
+            if record.get("kind") == "random" or "backbone" not in record:
+                return []
+            names, field = [record["backbone"]], "backbone"
+        elif "backbones" in record:
+            value = record["backbones"]
+            names = ([b.get("name") if isinstance(b, dict) else None for b in value]
+                     if isinstance(value, list) and value else [None])
+            field = "backbones"
+        elif isinstance(record.get("backbone"), dict) and "name" in record["backbone"]:  # runs before "backbones"
+            names, field = [record["backbone"]["name"]], "backbone.name"
+        else:
+            return []
+        if not all(isinstance(name, str) and name for name in names):
+            shown = json.dumps(record.get(field.split(".")[0]))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            form = "a non-empty list of {\"name\": \"<backbone>\", ...} records" if field == "backbones" else \
+                "a backbone name"
+            raise UserError(f"{record_path}: '{field}' must be {form}, got {shown}: fix the file, or remove it "
+                            f"to evaluate the set as a plain image folder")
+        return [str(name) for name in names]
     return []
 
 
@@ -351,6 +375,8 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
             if split.num_valid == 0:
                 raise UserError(f"{split.backbone}/{name} of {store.path} has no usable rows (every sample was "
                                 f"skipped): nothing to {'test on' if name == 'val' else 'train the full probe on'}")
+    # The sets' records too: a malformed one would otherwise fail only when the table is written.
+    sources = {name: set_sources(path) for name, path in image_sets.items()}
     loaded = {name: read_image_set(path, store.class_names) for name, path in image_sets.items()}
 
     result = EvalResult(backbones=list(backbones))
@@ -366,7 +392,7 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
     }
     for name, path in image_sets.items():
         result.rows[name] = {}
-        result.sources[name] = set_sources(path)
+        result.sources[name] = sources[name]
     if full:
         result.rows[FULL_ROW] = {}
 

@@ -689,3 +689,26 @@ def test_a_lost_sample_ids_chunk_is_named_when_ids_are_read(store, tmp_path):
     assert type(info.value).__name__ == "StoreError"
     assert "sample_ids rows 0-" in str(info.value) and "empty sample ids" in str(info.value)
     assert "--repair" in str(info.value)
+
+
+@pytest.mark.parametrize("backbones", ["test-cnn", [{"name": 5}], [{"name": ["test-cnn"]}], [], [["test-cnn"]]])
+def test_a_malformed_backbones_record_is_one_line_before_evaluating(store, tmp_path, monkeypatch, backbones):
+    """Issue 20, defect 6: a run's config.json with a malformed `backbones` field failed `engine eval` only
+    after the whole evaluation (a TypeError when the table was written), or was silently ignored. Now one
+    line naming the file, before any probe is trained, nothing written."""
+    import engine.evaluate as evaluate_module
+    from engine.imagefolder import write_imagefolder
+
+    class_names = FeatureStore.open(store).class_names
+    run = tmp_path / "run"
+    write_imagefolder(run / "images", torch.rand(2, 3, 8, 8), [0, 1], class_names)
+    (run / "config.json").write_text(json.dumps({"backbones": backbones}))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated before checking the set's record")
+
+    monkeypatch.setattr(evaluate_module, "_evaluate_set", must_not_run)
+    line = _one_line_error(_cli("eval", "--store", str(store), "--images", str(run), "--backbone", BACKBONE,
+                                "--quiet", "--device", "cpu"))
+    assert f"{run / 'config.json'}: 'backbones' must be a non-empty list" in line
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "images"]  # no eval/ written
