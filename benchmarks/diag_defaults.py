@@ -61,6 +61,7 @@ RUNS: dict[str, tuple[str, int, dict[str, Any], str, int]] = {
     "lgm-dinov2-raw-300": (DINOV2, 300, {"feature_space": "raw"}, "main", 3),
     "lgm-dinov2-standardized-300": (DINOV2, 300, {"feature_space": "standardized"}, "main", 3),
     # The objective on the ViT: every class's gradient row counts equally; larger random heads.
+    "lgm-effnet-per-class-300": (EFFNET, 300, {"feature_space": "raw", "objective": {"match": "per-class"}}, "main", 3),
     "lgm-dinov2-per-class-300": (DINOV2, 300, {"feature_space": "raw", "objective": {"match": "per-class"}}, "main", 3),
     "lgm-dinov2-head-std-0.05-300": (DINOV2, 300, {"feature_space": "raw", "objective": {"head_std": 0.05}}, "main", 3),
     # Both backbones: the start (--init centroid picks the image most typical for both at once; one step at

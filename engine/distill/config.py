@@ -54,9 +54,10 @@ class DistillConfig:
                                            "fits the compute and memory budget, else the largest sample that fits), "
                                            "full (every row), or an integer (the authors: ipc*augs*classes).")
     param: str = option("pyramid", "Image parameterization: pyramid or pixels.")
-    init: str = option("centroid", "centroid (the real image nearest each class mean of the first --backbone's "
-                                     "stored features, the centroid baseline; with --ipc > 1 the nearest of each of "
-                                     "ipc k-means centres; read once from the store's source), real "
+    init: str = option("centroid", "centroid (the real image nearest each class mean of the --backbone's "
+                                     "stored features, the centroid baseline; with several --backbone, of their "
+                                     "features together; with --ipc > 1 the nearest of each of ipc k-means centres; "
+                                     "read once from the store's source), real "
                                      "(random real images of each class), zero (grey images: the authors' init_mode "
                                      "zero), or noise (the authors' default).")
     colour: str = option("auto", "Synthetic images in colour (rgb) or grey (one channel replicated); auto: grey "
