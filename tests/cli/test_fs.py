@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli.fs import app
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD = ["build", "synthetic", "--backbone", "test-cnn", "--limit-per-class", "4", "--split", "train",
+BUILD = ["build", "gratings", "--backbone", "test-cnn", "--limit-per-class", "4", "--split", "train",
          "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", "--quiet"]
 
 
@@ -67,10 +67,10 @@ def test_second_build_says_already_complete_and_writes_nothing(built_store, dir_
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["build", "synthetic", "--backbone", "no-such-net"], ["unknown backbone 'no-such-net'"]),
+    (["build", "gratings", "--backbone", "no-such-net"], ["unknown backbone 'no-such-net'"]),
     (["build", "no-such-data", "--backbone", "test-cnn"], ["unknown dataset 'no-such-data'"]),
     (["build", "imagefolder", "--backbone", "test-cnn", "--data-root", "/nonexistent/imgs"], ["does not exist"]),
-    (["build", "synthetic", "--backbone", "test-cnn", "--shard", "2/2"], ["--shard 2/2"]),
+    (["build", "gratings", "--backbone", "test-cnn", "--shard", "2/2"], ["--shard 2/2"]),
 ])
 def test_bad_names_and_roots_fail_in_one_line_and_create_nothing(tmp_path, args, fragments):
     store = tmp_path / "store"

@@ -66,7 +66,7 @@ def test_pick_random_seeded_per_class():
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("bstore") / "fs"
-    build("synthetic", "test-cnn", path, limit_per_class=5, workers=0, quiet=True)
+    build("gratings", "test-cnn", path, limit_per_class=5, workers=0, quiet=True)
     return FeatureStore.open(path)
 
 

@@ -119,7 +119,7 @@ def test_embed_views_are_flip_rrc_views_without_noise():
 def tiny_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "fs"
     for bb in ("test-vit", "test-cnn"):
-        build("synthetic", bb, path, limit_per_class=4, workers=0, quiet=True)
+        build("gratings", bb, path, limit_per_class=4, workers=0, quiet=True)
     return FeatureStore.open(path)
 
 
@@ -232,7 +232,7 @@ def test_cli_eval_errors(tiny_store, image_set, tmp_path):
 def test_cli_eval_store_without_val(tmp_path, image_set):
     path, _ = image_set
     store = tmp_path / "trainonly"
-    build("synthetic", "test-cnn", store, splits=["train"], limit_per_class=1, workers=0, quiet=True)
+    build("gratings", "test-cnn", store, splits=["train"], limit_per_class=1, workers=0, quiet=True)
     res = _run(["eval", "--store", str(store), "--images", str(path), "--backbone", "test-cnn", "--quiet"])
     assert res.exit_code == 2 and "test-cnn/val" in res.output
     assert not (path / "eval").exists()  # a refused command writes nothing

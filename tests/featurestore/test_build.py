@@ -82,9 +82,9 @@ def test_assign_units_contiguous_and_covering():
 
 def test_features_match_reference_and_stats(tmp_path):
     store = tmp_path / "s"
-    report = build("synthetic", "test-cnn", store, dtype="fp32", full_cov=True, **TINY)
+    report = build("gratings", "test-cnn", store, dtype="fp32", full_cov=True, **TINY)
     assert report.splits[0].complete and report.splits[0].written == 40
-    ds = open_dataset("synthetic", split="train", limit_per_class=4)
+    ds = open_dataset("gratings", split="train", limit_per_class=4)
     sp = FeatureStore.open(store).split("test-cnn", "train")
     data = sp.load()
     ref = reference_features("test-cnn", ds)[:, 0]
@@ -107,7 +107,7 @@ def test_features_match_reference_and_stats(tmp_path):
 
     # fp16 storage: features within half precision; statistics still from the float32 output.
     store16 = tmp_path / "s16"
-    build("synthetic", "test-cnn", store16, **TINY)
+    build("gratings", "test-cnn", store16, **TINY)
     sp16 = FeatureStore.open(store16).split("test-cnn", "train")
     assert sp16.group["features"].dtype == np.float16
     f16 = sp16.load().features.numpy()
@@ -118,10 +118,10 @@ def test_features_match_reference_and_stats(tmp_path):
 
 
 def test_views_shape_seeded_and_view0_equals_single_view(tmp_path):
-    build("synthetic", "test-cnn", tmp_path / "one", **TINY)
-    build("synthetic", "test-cnn", tmp_path / "three", views=3, dtype="fp32",
+    build("gratings", "test-cnn", tmp_path / "one", **TINY)
+    build("gratings", "test-cnn", tmp_path / "three", views=3, dtype="fp32",
           **{**TINY, "limit_per_class": 2})
-    build("synthetic", "test-cnn", tmp_path / "three16", views=3, **TINY)
+    build("gratings", "test-cnn", tmp_path / "three16", views=3, **TINY)
     one = FeatureStore.open(tmp_path / "one").split("test-cnn", "train")
     three16 = FeatureStore.open(tmp_path / "three16").split("test-cnn", "train")
     assert three16.views == 3 and three16.group["features"].shape == (40, 3, 24)
@@ -136,7 +136,7 @@ def test_views_shape_seeded_and_view0_equals_single_view(tmp_path):
         three16.load(view=3)
     # Augmented views = augment() seeded by (seed, index, view), independent of batching.
     three = FeatureStore.open(tmp_path / "three").split("test-cnn", "train")
-    ds = open_dataset("synthetic", split="train", limit_per_class=2)
+    ds = open_dataset("gratings", split="train", limit_per_class=2)
     ref = reference_features("test-cnn", ds, views=[0, 1, 2])
     np.testing.assert_allclose(three.load(view="all").features.numpy(), ref, rtol=1e-4, atol=1e-5)
 
@@ -164,8 +164,8 @@ def test_corrupt_files_skipped_listed_and_excluded(tmp_path, image_folder):
 
 def test_two_backbones_and_mismatch_protection(tmp_path, dir_digest):
     store = tmp_path / "s"
-    build("synthetic", "test-cnn", store, **TINY)
-    build("synthetic", "test-vit", store, **{**TINY, "splits": ["train", "val"]})
+    build("gratings", "test-cnn", store, **TINY)
+    build("gratings", "test-vit", store, **{**TINY, "splits": ["train", "val"]})
     fs = FeatureStore.open(store)
     assert fs.backbones() == ["test-cnn", "test-vit"]
     assert fs.splits("test-vit") == ["train", "val"]
@@ -174,28 +174,28 @@ def test_two_backbones_and_mismatch_protection(tmp_path, dir_digest):
         fs.split("test-cnn", "val")
     before = dir_digest(store)
     with pytest.raises(StoreError, match="built at 32 px"):
-        build("synthetic", "test-cnn", store, image_size=48, **{**TINY, "splits": ["val"]})
+        build("gratings", "test-cnn", store, image_size=48, **{**TINY, "splits": ["val"]})
     with pytest.raises(StoreError, match="limit per class"):
-        build("synthetic", "test-cnn", store, **{**TINY, "limit_per_class": 5})
+        build("gratings", "test-cnn", store, **{**TINY, "limit_per_class": 5})
     with pytest.raises(StoreError, match="--views"):
-        build("synthetic", "test-cnn", store, views=2, **TINY)
+        build("gratings", "test-cnn", store, views=2, **TINY)
     weights = tmp_path / "other.pt"
     model = create_backbone("test-cnn")
     torch.save({k: v + 0.01 for k, v in model.model.state_dict().items()}, weights)
     with pytest.raises(StoreError, match="different backbone"):
-        build("synthetic", "test-cnn", store, weights=weights, **TINY)
+        build("gratings", "test-cnn", store, weights=weights, **TINY)
     assert dir_digest(store) == before
 
 
 def test_shards_equal_single_build_and_finalize_by_last(tmp_path):
     kwargs = dict(TINY, limit_per_class=5, chunk_rows=8, workers=1)  # 50 rows, 7 units
-    build("synthetic", "test-cnn", tmp_path / "single", **kwargs)
+    build("gratings", "test-cnn", tmp_path / "single", **kwargs)
     sharded = tmp_path / "sharded"
-    first = build("synthetic", "test-cnn", sharded, shard="1/2", **kwargs).splits[0]
+    first = build("gratings", "test-cnn", sharded, shard="1/2", **kwargs).splits[0]
     assert not first.complete and first.units_done == 4 and first.units_total == 7
     with pytest.raises(StoreError, match="incomplete"):
         FeatureStore.open(sharded).split("test-cnn", "train")
-    second = build("synthetic", "test-cnn", sharded, shard="0/2", **kwargs).splits[0]
+    second = build("gratings", "test-cnn", sharded, shard="0/2", **kwargs).splits[0]
     assert second.complete and second.written == 24
     assert_groups_identical(tmp_path / "single", sharded, "test-cnn", "train")
 
@@ -210,7 +210,7 @@ KILL_RUNNER = textwrap.dedent("""
         return _set(self, *args)
     zarr.Array.__setitem__ = slow
     from featurestore.build import build
-    build("synthetic", "test-cnn", sys.argv[1], splits=["train"], limit_per_class=10, chunk_rows=8,
+    build("gratings", "test-cnn", sys.argv[1], splits=["train"], limit_per_class=10, chunk_rows=8,
           batch_size=4, workers=1, quiet=True)
 """)
 
@@ -222,7 +222,7 @@ def _markers_done(store: Path) -> int:
 
 def test_sigkill_mid_build_then_resume_is_identical(tmp_path):
     clean = tmp_path / "clean"
-    build("synthetic", "test-cnn", clean, splits=["train"], limit_per_class=10, chunk_rows=8, batch_size=4,
+    build("gratings", "test-cnn", clean, splits=["train"], limit_per_class=10, chunk_rows=8, batch_size=4,
           workers=0, quiet=True)
     store = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -244,7 +244,7 @@ def test_sigkill_mid_build_then_resume_is_identical(tmp_path):
         assert wait_for <= done < 13, f"attempt {attempt}: {done} units done"
     group = zarr.open_group(str(store), mode="r")["test-cnn"]["train"]
     assert group.attrs["complete"] is False
-    report = build("synthetic", "test-cnn", store, splits=["train"], limit_per_class=10, batch_size=4,
+    report = build("gratings", "test-cnn", store, splits=["train"], limit_per_class=10, batch_size=4,
                    workers=0, quiet=True)  # chunk_rows taken from the store
     assert report.splits[0].complete and 0 < report.splits[0].written < 100
     assert_groups_identical(clean, store, "test-cnn", "train")

@@ -34,7 +34,7 @@ def torchrun_build(store: Path, nproc: int, *extra: str) -> subprocess.Completed
     killed if it outlives the timeout, so a hang fails the test instead of leaving orphans."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["PYTHONPATH"] = str(REPO)
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "cli.fs", "build", "synthetic",
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "cli.fs", "build", "gratings",
            "--backbone", "test-cnn", "--store", str(store), *CLI_OPTIONS, *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -72,7 +72,7 @@ def units_done(store: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def single_store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("single") / "store"
-    report = build("synthetic", "test-cnn", store, **OPTIONS)
+    report = build("gratings", "test-cnn", store, **OPTIONS)
     assert report.splits[0].complete and report.world_size == 1
     return store
 
@@ -91,7 +91,7 @@ def test_two_gloo_ranks_build_the_same_store_as_one_process(single_store, tmp_pa
 def test_resume_with_another_world_size_only_redoes_unfinished_units(single_store, tmp_path):
     store = tmp_path / "resumed"
     # An earlier run of another world size finished units 2 and 3 only (here: shard 1 of 3, one process).
-    first = build("synthetic", "test-cnn", store, shard="1/3", **OPTIONS).splits[0]
+    first = build("gratings", "test-cnn", store, shard="1/3", **OPTIONS).splits[0]
     assert not first.complete and units_done(store) == [2, 3]
     # Two ranks share the 5 unfinished units [0, 1, 4, 5, 6] as [0, 1] and [4, 5, 6]: 34 rows, not 50.
     result = torchrun_build(store, 2)
@@ -99,7 +99,7 @@ def test_resume_with_another_world_size_only_redoes_unfinished_units(single_stor
     assert result.stdout.splitlines() == ["test-cnn/train: complete, 50 rows (34 computed now)"]
     assert_groups_identical(single_store, store)
     # A rerun finds it complete and writes nothing.
-    again = build("synthetic", "test-cnn", store, **OPTIONS).splits[0]
+    again = build("gratings", "test-cnn", store, **OPTIONS).splits[0]
     assert again.already_complete and again.written == 0
 
 

@@ -22,7 +22,7 @@ from featurestore.info import store_info
 from featurestore.store import FeatureStore, store_location
 
 OPTIONS = dict(splits=["train"], limit_per_class=4, chunk_rows=16, batch_size=8, workers=0, quiet=True)
-CLI_BUILD = ["build", "synthetic", "--backbone", "test-cnn", "--split", "train", "--limit-per-class", "4",
+CLI_BUILD = ["build", "gratings", "--backbone", "test-cnn", "--split", "train", "--limit-per-class", "4",
              "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", "--quiet"]
 MEMORY = fsspec.filesystem("memory")
 
@@ -39,7 +39,7 @@ def memory_url():
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("local") / "fs"
-    build("synthetic", "test-cnn", store, views=2, **OPTIONS)
+    build("gratings", "test-cnn", store, views=2, **OPTIONS)
     return store
 
 
@@ -108,14 +108,14 @@ def test_cli_build_info_and_reader_on_a_memory_store_match_a_local_store(local_s
 
 
 def test_resume_on_a_memory_store(local_store, memory_url):
-    first = build("synthetic", "test-cnn", memory_url, views=2, shard="0/2", **OPTIONS).splits[0]
+    first = build("gratings", "test-cnn", memory_url, views=2, shard="0/2", **OPTIONS).splits[0]
     assert not first.complete and (first.units_done, first.units_total, first.written) == (1, 3, 16)
     with pytest.raises(StoreError, match="incomplete"):
         FeatureStore.open(memory_url).split("test-cnn", "train")
-    second = build("synthetic", "test-cnn", memory_url, views=2, **OPTIONS).splits[0]
+    second = build("gratings", "test-cnn", memory_url, views=2, **OPTIONS).splits[0]
     assert second.complete and second.written == 24  # only the two unfinished units
     assert_same_arrays(open_memory_group(memory_url), zarr.open_group(str(local_store), mode="r"))
-    assert build("synthetic", "test-cnn", memory_url, views=2, **OPTIONS).splits[0].already_complete
+    assert build("gratings", "test-cnn", memory_url, views=2, **OPTIONS).splits[0].already_complete
 
 
 def test_refused_builds_leave_a_memory_store_untouched(memory_url):
@@ -155,11 +155,11 @@ def test_file_urls_are_local_stores_and_path_wrapped_urls_still_work(local_store
     folder = tmp_path / "via-url"
     location = store_location(f"file://{folder}")
     assert location.is_local and location.local_path == folder
-    build("synthetic", "test-cnn", f"file://{folder}", views=2, **OPTIONS)
+    build("gratings", "test-cnn", f"file://{folder}", views=2, **OPTIONS)
     assert (folder / "zarr.json").is_file()
     assert local_files(folder).keys() == local_files(local_store).keys()
     # Path("memory://x/fs") is "memory:/x/fs" (pathlib collapses //); readers get such Paths from callers.
-    build("synthetic", "test-cnn", memory_url, views=2, **OPTIONS)
+    build("gratings", "test-cnn", memory_url, views=2, **OPTIONS)
     wrapped = FeatureStore.open(Path(memory_url))
     assert wrapped.path == memory_url and wrapped.location.is_local is False
     assert wrapped.split("test-cnn", "train").n == 40

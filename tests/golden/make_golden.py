@@ -161,7 +161,7 @@ def _pipeline_outputs(work: Path) -> dict[str, np.ndarray]:
 
     torch.manual_seed(0)
     store = work / "fs"
-    build("synthetic", "test-cnn", store, limit_per_class=6, dtype="fp32", views=2, workers=0, quiet=True)
+    build("gratings", "test-cnn", store, limit_per_class=6, dtype="fp32", views=2, workers=0, quiet=True)
     fs = FeatureStore.open(store)
     out: dict[str, np.ndarray] = {}
     for split in ("train", "val"):

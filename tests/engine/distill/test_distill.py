@@ -1,4 +1,4 @@
-"""engine.distill end to end on a tiny store (synthetic dataset, test-cnn, fp32, 2 views): chunked
+"""engine.distill end to end on a tiny store (gratings dataset, test-cnn, fp32, 2 views): chunked
 back-propagation, store vs end-to-end real side, resume, Ctrl-C, NaN, outputs, bad input, and the CLI."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def store(tmp_path_factory) -> Path:
     from featurestore.build import build
 
     path = tmp_path_factory.mktemp("store") / "fs"
-    build("synthetic", BACKBONE, path, splits=["train"], limit_per_class=PER_CLASS, dtype="fp32", views=2,
+    build("gratings", BACKBONE, path, splits=["train"], limit_per_class=PER_CLASS, dtype="fp32", views=2,
           workers=0, quiet=True)
     return path
 

@@ -37,7 +37,7 @@ def store(tmp_path_factory) -> Path:
     from featurestore.build import build
 
     path = tmp_path_factory.mktemp("store") / "fs"
-    build("synthetic", BACKBONE, path, splits=["train"], limit_per_class=PER_CLASS, dtype="fp32", views=2,
+    build("gratings", BACKBONE, path, splits=["train"], limit_per_class=PER_CLASS, dtype="fp32", views=2,
           workers=0, quiet=True)
     return path
 

@@ -319,9 +319,9 @@ def test_datasets_pickle(folder_root: Path) -> None:
     views = ViewDataset(open_dataset("imagefolder", folder_root, "val"), resize_size=8, image_size=8, views=1, seed=0)
     clone = pickle.loads(pickle.dumps(views))
     assert clone.dataset.sample_ids == views.dataset.sample_ids and torch.equal(clone[0][1], views[0][1])
-    synthetic = pickle.loads(pickle.dumps(open_dataset("synthetic", split="val", limit_per_class=1)))
-    assert np.array_equal(np.asarray(synthetic.load_image(0)),
-                          np.asarray(open_dataset("synthetic", split="val").load_image(0)))
+    gratings = pickle.loads(pickle.dumps(open_dataset("gratings", split="val", limit_per_class=1)))
+    assert np.array_equal(np.asarray(gratings.load_image(0)),
+                          np.asarray(open_dataset("gratings", split="val").load_image(0)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,25 +403,25 @@ def test_fashion_mnist_real_files() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# synthetic
+# gratings
 
 
-def test_synthetic_is_deterministic_and_class_ordered() -> None:
-    train = open_dataset("synthetic")
+def test_gratings_is_deterministic_and_class_ordered() -> None:
+    train = open_dataset("gratings")
     assert len(train) == 2000 and train.class_counts().tolist() == [200] * 10
     assert train.root is None and len(set(train.class_names)) == 10
     a = np.asarray(train.load_image(437))
-    b = np.asarray(open_dataset("synthetic").load_image(437))
+    b = np.asarray(open_dataset("synthetic").load_image(437))  # the former name still opens the same images
     assert a.shape == (64, 64, 3) and np.array_equal(a, b)
     assert not np.array_equal(a, np.asarray(train.load_image(438)))
-    val = open_dataset("synthetic", split="val", limit_per_class=2)
+    val = open_dataset("gratings", split="val", limit_per_class=2)
     assert val.sample_ids == [str(c * 50 + k) for c in range(10) for k in range(2)]
     assert val.labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert not np.array_equal(np.asarray(val.load_image(0)), np.asarray(train.load_image(0)))
-    assert dataset_splits("synthetic") == ["train", "val"]
+    assert dataset_splits("gratings") == ["train", "val"]
 
 
-def test_synthetic_is_learnable_but_not_trivial() -> None:
+def test_gratings_is_learnable_but_not_trivial() -> None:
     """A linear probe on a random conv net beats chance (10%) clearly, yet is far from perfect."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -430,7 +430,7 @@ def test_synthetic_is_learnable_but_not_trivial() -> None:
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
 
     def features(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = open_dataset("synthetic", split=split, limit_per_class=per_class)
+        ds = open_dataset("gratings", split=split, limit_per_class=per_class)
         with torch.no_grad():
             x = net(torch.stack([canonical_image(ds.load_image(i), 32) for i in range(len(ds))]))
         return x, torch.from_numpy(ds.labels)
@@ -499,7 +499,7 @@ def test_error_messages(folder_root: Path, tmp_path: Path) -> None:
     assert "holds images directly" in _one_line_error(open_dataset, "imagenet", flat, "val")
 
     for bad in (0, -3):
-        msg = _one_line_error(open_dataset, "synthetic", limit_per_class=bad)
+        msg = _one_line_error(open_dataset, "gratings", limit_per_class=bad)
         assert "--limit-per-class must be a positive integer" in msg
     assert "positive integer" in _one_line_error(open_dataset, "imagefolder", folder_root, limit_per_class=1.5)
 
@@ -515,8 +515,8 @@ def test_error_messages(folder_root: Path, tmp_path: Path) -> None:
     assert "not 'test'" in _one_line_error(open_dataset, "fashion-mnist", missing, split="test")
     assert "not 'test'" in _one_line_error(open_dataset, "fashion-mnist", no_files, split="test")
 
-    assert "drop --data-root" in _one_line_error(open_dataset, "synthetic", folder_root)
-    assert "not 'test'" in _one_line_error(open_dataset, "synthetic", split="test")
+    assert "drop --data-root" in _one_line_error(open_dataset, "gratings", folder_root)
+    assert "not 'test'" in _one_line_error(open_dataset, "gratings", split="test")
 
 
 def test_decode_image_file_on_a_good_file(folder_root: Path) -> None:
