@@ -1,9 +1,11 @@
-"""Shared test helpers (kept small): directory digests and a tiny image-folder dataset on disk."""
+"""Shared test fixtures (kept small): directory digests, a tiny image-folder dataset on disk, and tiny feature
+stores of the `gratings` dataset."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +47,20 @@ def image_folder(tmp_path: Path) -> Path:
     (root / "train" / "c" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "train" / "d").mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def make_gratings_store(tmp_path_factory) -> Callable[..., Path]:
+    """`make_gratings_store(*backbones, **build options)`: a new tiny store of the `gratings` dataset (no
+    files to read; in-process loading, no progress bar) in its own temp folder, each backbone built in the
+    order given (default test-cnn). Each call builds afresh, so a module that damages its store harms no
+    other module; a module-scoped fixture calls it once for the module's tests."""
+    from featurestore.build import build
+
+    def make(*backbones: str, **options) -> Path:
+        path = tmp_path_factory.mktemp("store") / "fs"
+        for backbone in backbones or ("test-cnn",):
+            build("gratings", backbone, path, workers=0, quiet=True, **options)
+        return path
+
+    return make

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from cli.engine import app
 from engine.baselines import make_baseline, pick_centroid, pick_neighbors, pick_random
 from engine.imagefolder import class_folder_names, to_uint8, write_imagefolder
-from featurestore.build import build
 from featurestore.datasets import canonical_image
 from featurestore.errors import UserError
 from featurestore.store import FeatureStore
@@ -64,10 +63,8 @@ def test_pick_random_seeded_per_class():
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bstore") / "fs"
-    build("gratings", "test-cnn", path, limit_per_class=5, workers=0, quiet=True)
-    return FeatureStore.open(path)
+def tiny_store(make_gratings_store):
+    return FeatureStore.open(make_gratings_store("test-cnn", limit_per_class=5))
 
 
 def _png(path) -> np.ndarray:

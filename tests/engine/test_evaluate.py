@@ -116,11 +116,8 @@ def test_embed_views_are_flip_rrc_views_without_noise():
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "fs"
-    for bb in ("test-vit", "test-cnn"):
-        build("gratings", bb, path, limit_per_class=4, workers=0, quiet=True)
-    return FeatureStore.open(path)
+def tiny_store(make_gratings_store):
+    return FeatureStore.open(make_gratings_store("test-vit", "test-cnn", limit_per_class=4))
 
 
 @pytest.fixture(scope="module")

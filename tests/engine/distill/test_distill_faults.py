@@ -36,10 +36,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("store") / "fs"
-    build("gratings", BACKBONE, path, limit_per_class=4, dtype="fp32", workers=0, quiet=True)
-    return path
+def store(make_gratings_store) -> Path:
+    return make_gratings_store(BACKBONE, limit_per_class=4, dtype="fp32")
 
 
 def _config(store: Path, out: Path, **kw) -> DistillConfig:

@@ -21,13 +21,8 @@ BACKBONE = "test-cnn"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    from featurestore.build import build
-
-    path = tmp_path_factory.mktemp("store") / "fs"
-    build("gratings", BACKBONE, path, splits=["train"], limit_per_class=5, dtype="fp32", views=2, workers=0,
-          quiet=True)
-    return path
+def store(make_gratings_store) -> Path:
+    return make_gratings_store(BACKBONE, splits=["train"], limit_per_class=5, dtype="fp32", views=2)
 
 
 def _config(store: Path, out: Path, **kw) -> DistillConfig:

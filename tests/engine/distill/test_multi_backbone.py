@@ -19,11 +19,8 @@ BACKBONES = ["test-cnn", "test-vit"]  # both 32 px input, 36 px canonical images
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("multi") / "fs"
-    for name in BACKBONES:
-        build("gratings", name, path, limit_per_class=4, dtype="fp32", workers=0, quiet=True)
-    return path
+def store(make_gratings_store) -> Path:
+    return make_gratings_store(*BACKBONES, limit_per_class=4, dtype="fp32")
 
 
 def _config(store: Path, out: Path, **kw) -> DistillConfig:
