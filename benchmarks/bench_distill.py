@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, save_figure, write_results
+from engine.distill.outdir import METRICS_FILE
 
 MODES = {
     "end-to-end": {"real_source": "images", "chunk": "full-graph", "real_batch": "authors"},
@@ -85,7 +86,7 @@ def child(spec: dict) -> dict:
     t = time.time()
     result = distill(cfg)
     wall = time.time() - t
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (Path(cfg.out) / METRICS_FILE).read_text().splitlines() if line]
     step_s = [r["step_seconds"] for r in rows[1:]] or [rows[0]["step_seconds"]]  # first step warms up
     out = {"seconds_per_step": statistics.median(step_s), "wall_seconds": wall,
            "peak_rss_mb": _proc_status_mb("VmHWM"),

@@ -43,6 +43,7 @@ from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  #
                                FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
                                machine_line, markdown_table, save_figure, write_results)
 from featurestore.runtime import atomic_write_json  # noqa: E402
+from engine.distill.outdir import CHECKPOINT_FILE, DISTILLED_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
 
 DISTILL_BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus")
 HELD_OUT = "opennsfw-resnet50"
@@ -178,7 +179,7 @@ class Bench:
         return self.work / "runs" / run.name
 
     def done(self, run: Run) -> bool:
-        return (self.run_dir(run) / "distilled.safetensors").is_file()
+        return (self.run_dir(run) / DISTILLED_FILE).is_file()
 
     def distill(self, run: Run) -> dict[str, Any]:
         """One distillation in a child process, so its peak memory is its own (not the bench's high-water
@@ -188,21 +189,21 @@ class Bench:
         out = self.run_dir(run)
         if not self.done(run):
             self.log(f"distill {run.name}: {run.options}")
-            if out.exists() and not (out / "checkpoint.pt").is_file():
+            if out.exists() and not (out / CHECKPOINT_FILE).is_file():
                 import shutil
 
                 shutil.rmtree(out)  # a run that died before its first checkpoint: start it again
             config = {"store": str(self.store_for(run)), "out": str(out), "augs": AUGS, "device": self.device,
-                      "quiet": True, "resume": (out / "checkpoint.pt").is_file(), **run.options}
+                      "quiet": True, "resume": (out / CHECKPOINT_FILE).is_file(), **run.options}
             child = subprocess.run([sys.executable, "-c", "import json, sys\nfrom engine.distill import "
                                     "DistillConfig, distill\ndistill(DistillConfig(**json.loads(sys.argv[1])))",
                                     json.dumps(config)], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
             if child.returncode != 0:
                 lines = (child.stderr or child.stdout).strip().splitlines()
                 raise RuntimeError(f"exit {child.returncode}: {lines[-1] if lines else 'no output'}")
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
         steps = [m for m in metrics if "loss" in m]
-        return {"path": str(out / "images"), "seconds": steps[-1]["seconds"], "final_loss": steps[-1]["loss"],
+        return {"path": str(out / IMAGES_DIR), "seconds": steps[-1]["seconds"], "final_loss": steps[-1]["loss"],
                 "peak_memory_mb": max(m["peak_memory_mb"] for m in steps),
                 "seconds_per_step": steps[-1]["seconds"] / len(steps)}
 
@@ -213,7 +214,7 @@ class Bench:
         if not (out / "baseline.json").is_file():
             self.log(f"baseline {kind} on {backbone}")
             make_baseline(str(self.stores["main"]), backbone, kind, out, images=images, device=self.device, quiet=True)
-        return str(out / "images")
+        return str(out / IMAGES_DIR)
 
     # --- evaluation, cell by cell (cached)
     def evaluate(self, name: str, path: str, backbone: str) -> dict[str, Any]:
@@ -286,7 +287,7 @@ def old_probe_init(bench: Bench, args: argparse.Namespace, rows: list[dict[str, 
         return {}
     result = {}
     for name, path in ((base["set"], base["path"]),
-                       ("centroid (effnet)", str(args.work / "baselines" / "centroid-effnet" / "images"))):
+                       ("centroid (effnet)", str(args.work / "baselines" / "centroid-effnet" / IMAGES_DIR))):
         key = f"{path}|{DISTILL_BACKBONES[0]}|seeds{SEEDS}|uniform"
         if key not in bench.cache:
             bench.log(f"eval {name} on {DISTILL_BACKBONES[0]} with the uniform probe init")

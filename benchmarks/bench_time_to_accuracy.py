@@ -38,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
                                FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
                                machine_line, markdown_table, save_figure, write_results)
+from engine.distill.outdir import CHECKPOINT_FILE, DISTILLED_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
 
 BACKBONE = "efficientnet-lite0"
 IMAGE_SIZE = FASHION_MNIST_IMAGE_SIZE
@@ -55,15 +56,15 @@ def run(store: Path, out: Path, steps: int, eval_every: int, device: str, option
     """Distill into `out` unless it is done (continue it from its checkpoint if one is there)."""
     from engine.distill import DistillConfig, distill
 
-    if not (out / "distilled.safetensors").is_file():
-        resume = (out / "checkpoint.pt").is_file()
+    if not (out / DISTILLED_FILE).is_file():
+        resume = (out / CHECKPOINT_FILE).is_file()
         if out.exists() and not resume:
             import shutil
 
             shutil.rmtree(out)
         distill(DistillConfig(store=str(store), backbone=BACKBONE, out=str(out), steps=steps, augs=AUGS, ipc=IPC,
                               eval_every=eval_every, device=device, quiet=True, resume=resume, **options))
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
 
 
 def final_top1(store: Path, out: Path, device: str, cache: dict[str, Any], cache_path: Path) -> float:
@@ -73,7 +74,7 @@ def final_top1(store: Path, out: Path, device: str, cache: dict[str, Any], cache
 
     key = out.name
     if key not in cache:
-        result = evaluate(str(store), {key: str(out / "images")}, [BACKBONE], seeds=SEEDS, device=device, quiet=True)
+        result = evaluate(str(store), {key: str(out / IMAGES_DIR)}, [BACKBONE], seeds=SEEDS, device=device, quiet=True)
         cache[key] = round(result.rows[key][BACKBONE].top1_mean, 2)
         atomic_write_json(cache_path, cache)
     return cache[key]

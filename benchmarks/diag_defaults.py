@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import RESULTS_DIR, fashion_mnist_missing, markdown_table, write_results  # noqa: E402
+from engine.distill.outdir import CHECKPOINT_FILE, DISTILLED_FILE, GRID_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
 from featurestore.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 EFFNET, DINOV2, NSFW = "efficientnet-lite0", "dinov2-vits14-imgfocus", "opennsfw-resnet50"
@@ -103,12 +104,12 @@ class Diag:
 
         backbone, steps, options, store, _ = RUNS[name]
         out = self.work / "runs" / name
-        if not (out / "distilled.safetensors").is_file():
+        if not (out / DISTILLED_FILE).is_file():
             if store == "views4":
                 self.build_views()
             self.log(f"distill {name}")
             config = {"store": str(self.stores[store]), "out": str(out), "backbone": [backbone], "steps": steps,
-                      "augs": AUGS, "quiet": True, "resume": (out / "checkpoint.pt").is_file(), **options}
+                      "augs": AUGS, "quiet": True, "resume": (out / CHECKPOINT_FILE).is_file(), **options}
             distill(DistillConfig(**config))
         return out
 
@@ -118,7 +119,7 @@ class Diag:
         out = self.work / "baselines" / f"{kind}-{SHORT[backbone]}"
         if not (out / "baseline.json").is_file():
             make_baseline(str(self.stores["main"]), backbone, kind, out, quiet=True)
-        return out / "images"
+        return out / IMAGES_DIR
 
     def evaluate(self, name: str, images: Path, seeds: int) -> dict[str, float]:
         from engine.evaluate import evaluate
@@ -165,19 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or RUNS:
         backbone, steps, options, store, seeds = RUNS[name]
         out = diag.distill(name)
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
         shown = {k: v for k, v in options.items() if k != "backbone"}
         rows.append({"set": name, "steps": steps,
                      "distilled on": "+".join(SHORT[b] for b in options.get("backbone", [backbone])),
                      "options": ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}"
                                           for k, v in shown.items()) + (" (4-view store)" if store == "views4" else "")
                      or "defaults",
-                     **diag.evaluate(name, out / "images", seeds), **pixel_stats(out / "images"),
+                     **diag.evaluate(name, out / IMAGES_DIR, seeds), **pixel_stats(out / IMAGES_DIR),
                      "s/step": round(metrics[-1]["seconds"] / len(metrics), 2)})
     grids = RESULTS_DIR / "diag_defaults_grids"  # the pictures, beside the numbers
     grids.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        source = (args.work / "runs" / row["set"] / "grid.png") if row["steps"] else None
+        source = (args.work / "runs" / row["set"] / GRID_FILE) if row["steps"] else None
         if source is not None and source.is_file():
             atomic_write_bytes(grids / f"{row['set']}.png", source.read_bytes())
             row["grid"] = f"[png](diag_defaults_grids/{row['set']}.png)"

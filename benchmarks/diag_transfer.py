@@ -111,13 +111,14 @@ def baseline_accuracy(store_path: Path, backbone: str, work: Path) -> dict[str, 
     """Centroid and random real images, evaluated with the protocol on the store's own val split."""
     from engine.baselines import make_baseline
     from engine.evaluate import evaluate
+    from engine.distill.outdir import IMAGES_DIR
 
     out = {}
     for kind in ("centroid", "random"):
         folder = work / f"{kind}-{SHORT[backbone]}-{store_path.name}"
         if not (folder / "baseline.json").is_file():
             make_baseline(str(store_path), backbone, kind, folder, quiet=True)
-        result = evaluate(str(store_path), {kind: str(folder / "images")}, [backbone], seeds=SEEDS, quiet=True)
+        result = evaluate(str(store_path), {kind: str(folder / IMAGES_DIR)}, [backbone], seeds=SEEDS, quiet=True)
         out[kind] = round(result.rows[kind][backbone].top1_mean, 1)
     return out
 

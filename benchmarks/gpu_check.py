@@ -435,6 +435,8 @@ def part_build(ctx: Context) -> dict[str, Any]:
 def part_torchrun(ctx: Context) -> dict[str, Any]:
     import torch
 
+    from engine.distill.outdir import CONFIG_FILE, METRICS_FILE
+
     if ctx.device == "cuda":
         # One rank (the 1-GPU smoke run), and two ranks in one NCCL group when there are two GPUs.
         nprocs = [1, 2] if torch.cuda.device_count() >= 2 else [1]
@@ -456,8 +458,8 @@ def part_torchrun(ctx: Context) -> dict[str, Any]:
         if proc.returncode != 0:
             problems.append(f"torchrun --nproc-per-node {nproc} distill " + tail_reason(proc))
         else:
-            config = json.loads((out / "config.json").read_text())
-            steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            config = json.loads((out / CONFIG_FILE).read_text())
+            steps = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
             record = {"nproc": nproc, "exit": 0, "device": config.get("device"), "amp": config.get("amp"),
                       "distributed": config.get("distributed"), "steps_recorded": len(steps)}
             if not str(config.get("device", "")).startswith(ctx.device):

@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.distill.outdir import (CHECKPOINT_FILE, CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGES_DIR,
+                                    LOSS_PLOT_FILE, METRICS_FILE)
+
 DEMO_DIR = Path(__file__).resolve().parent
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 APT_COMMAND = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
@@ -192,12 +195,12 @@ def run_demo(args: argparse.Namespace) -> Path:
         if curve_every:
             options["eval_every"] = curve_every
         cfg = DistillConfig(store=str(store), backbone=list(backbones), out=str(out),
-                            resume=(out / "checkpoint.pt").is_file(), device=args.device, **options)
-        computed = not (out / "distilled.safetensors").is_file()
+                            resume=(out / CHECKPOINT_FILE).is_file(), device=args.device, **options)
+        computed = not (out / DISTILLED_FILE).is_file()
         if computed:
             distill(cfg)
         else:  # a finished run is reused only if it is the run asked for (--steps, --augs, mode)
-            done = json.loads((out / "config.json").read_text()).get("arguments", {})
+            done = json.loads((out / CONFIG_FILE).read_text()).get("arguments", {})
             differing = [f"--{k.replace('_', '-')} {done.get(k)} there, {getattr(cfg, k)} asked"
                          for k in ("method", "backbone", "steps", "augs", "eval_every")
                          if done.get(k) != getattr(cfg, k)]
@@ -206,7 +209,7 @@ def run_demo(args: argparse.Namespace) -> Path:
                                 "folder (or `make clean-demo`) to redo it")
             print("   already distilled (delete the folder to redo)", file=sys.stderr)
         times.add(f"{mode}/distill-{name}", f"distill: {name}", time.time() - t, computed)
-        sets[name] = out / "images"
+        sets[name] = out / IMAGES_DIR
 
     t = time.time()
     computed = False
@@ -218,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> Path:
         else:
             make_baseline(str(store), DISTILL_BACKBONE, kind, out, ipc=1, seed=0, device=args.device)
             computed = True
-        sets[f"{kind} real"] = out / "images"
+        sets[f"{kind} real"] = out / IMAGES_DIR
     times.add("baselines", f"baselines: {' + '.join(BASELINE_KINDS)}", time.time() - t, computed)
 
     eval_dir = mode_dir / "eval"
@@ -253,7 +256,7 @@ def run_demo(args: argparse.Namespace) -> Path:
 
 
 def _loss_summary(out: Path) -> str:
-    path = out / "metrics.jsonl"
+    path = out / METRICS_FILE
     if not path.is_file():
         return ""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -283,14 +286,14 @@ def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows
     for run_name, _, backbones in runs:
         out = mode_dir / f"distill-{run_name}"
         slug = run_name.lower().replace(" ", "-")
-        for name in ("grid.png", "loss.png"):
+        for name in (GRID_FILE, LOSS_PLOT_FILE):
             if (out / name).is_file():
                 shutil.copyfile(out / name, assets / f"{slug}-{name}")
-                what = ("distilled images" if name == "grid.png" else
+                what = ("distilled images" if name == GRID_FILE else
                         "loss and probe accuracy during the run" if args.full else "loss during the run")
                 figures.append((f"{run_name} ({' + '.join(backbones)}): {what}", f"assets/{slug}-{name}"))
     for kind in BASELINE_KINDS:
-        grid = work / f"baseline-{kind}" / "grid.png"
+        grid = work / f"baseline-{kind}" / GRID_FILE
         if grid.is_file():
             shutil.copyfile(grid, assets / f"{kind}-grid.png")
             figures.append((f"{kind} real images", f"assets/{kind}-grid.png"))
@@ -298,7 +301,7 @@ def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows
     run_list = "; ".join(f"{name} on `{' + '.join(backbones)}`" for name, _, backbones in runs)
     # The init is whatever `engine distill` defaults to (another release may change it): read it from the runs.
     inits = sorted({json.loads(path.read_text()).get("arguments", {}).get("init", "?") for path in
-                    (mode_dir / f"distill-{name}" / "config.json" for name, _, _ in runs) if path.is_file()})
+                    (mode_dir / f"distill-{name}" / CONFIG_FILE for name, _, _ in runs) if path.is_file()})
     # The ± of the table is over probe seeds on one test set; the test set's own sampling error adds to it.
     sampling_error = 100 * math.sqrt(0.7 * 0.3 / max(val_rows, 1))
     setup = (

@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 import torch
 
+from engine.distill.outdir import GRID_FILE, IMAGES_DIR
 from featurestore.augment import resize
 from featurestore.errors import StoreError, UserError
 from featurestore.options import option
@@ -224,8 +225,8 @@ def _write_baseline(out: Path, tensors: list[torch.Tensor], out_labels: list[int
     tmp = temp_dir_beside(out)
     try:
         images_t, labels_t = torch.stack(tensors), torch.tensor(out_labels)
-        write_imagefolder(tmp / "images", images_t, labels_t, class_names)
-        save_grid(tmp / "grid.png", images_t, labels_t, class_names)
+        write_imagefolder(tmp / IMAGES_DIR, images_t, labels_t, class_names)
+        save_grid(tmp / GRID_FILE, images_t, labels_t, class_names)
         atomic_write_json(tmp / "baseline.json", record)
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from engine.distill.outdir import CONFIG_FILE, IMAGES_DIR
 from engine.imagesets import EVAL_AUGMENT, RUN_MARKERS, embed_views, read_image_set, resolve_image_dir
 from engine.probe import MAX_BATCH, ProbeRecipe, probes_accuracy, train_probes
 from featurestore.augment import resize
@@ -67,8 +68,8 @@ def set_sources(path: str | os.PathLike) -> list[str]:
     import json
 
     root = resolve_image_dir(path)
-    run = root.parent if root.name == "images" else root
-    for record_name in ("config.json", "baseline.json"):
+    run = root.parent if root.name == IMAGES_DIR else root
+    for record_name in (CONFIG_FILE, "baseline.json"):
         record_path = run / record_name
         if not record_path.is_file():
             continue
@@ -421,7 +422,7 @@ def default_out_dir(image_dirs: Sequence[str | os.PathLike]) -> Path:
     `./eval` for several sets."""
     if len(image_dirs) == 1:
         root = resolve_image_dir(image_dirs[0])
-        if root.name == "images" and any((root.parent / m).is_file() for m in RUN_MARKERS):
+        if root.name == IMAGES_DIR and any((root.parent / m).is_file() for m in RUN_MARKERS):
             return root.parent / "eval"  # the images of a distill/baseline run: the run's own folder
         return root.parent / f"eval-{root.name}"
     return Path("eval")

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from engine.distill.outdir import CONFIG_FILE, DISTILLED_FILE, IMAGES_DIR
 from engine.imagefolder import read_imagefolder
 from featurestore.augment import AugmentConfig, AugmentParams, apply_params, center_crop, sample_params
 from featurestore.backbones import Backbone
@@ -26,7 +27,7 @@ from featurestore.errors import UserError
 # distillation augmentation adds.
 EVAL_AUGMENT = AugmentConfig(noise_p=0.0)
 # Files that mark a distill or baseline output directory (its images are in images/).
-RUN_MARKERS = ("config.json", "baseline.json", "distilled.safetensors")
+RUN_MARKERS = (CONFIG_FILE, "baseline.json", DISTILLED_FILE)
 _EMBED_BATCH = 128
 
 
@@ -48,9 +49,9 @@ def resolve_image_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"--images {p}: no such directory")
-    nested = p / "images"
+    nested = p / IMAGES_DIR
     if nested.is_dir():
-        other_dirs = [c for c in p.iterdir() if c.is_dir() and c.name not in ("images", "eval")
+        other_dirs = [c for c in p.iterdir() if c.is_dir() and c.name not in (IMAGES_DIR, "eval")
                       and not c.name.startswith(".")]
         if any((p / m).is_file() for m in RUN_MARKERS) or not other_dirs:
             return nested

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from engine.distill.config import DistillConfig, DistillError
+from engine.distill.outdir import CHECKPOINT_FILE
 from engine.objectives import objective_config
 from featurestore.runtime import atomic_write_bytes
 
-CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
 # Options that define the optimization problem, besides the objective's own.
 RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "augs", "real_batch", "param", "init", "colour", "decorrelate",
@@ -78,28 +78,28 @@ def checkpoint_bytes(state: dict[str, Any]) -> bytes:
 
 
 def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(out / CHECKPOINT, checkpoint_bytes({"format": CHECKPOINT_FORMAT, **state}))
+    atomic_write_bytes(out / CHECKPOINT_FILE, checkpoint_bytes({"format": CHECKPOINT_FORMAT, **state}))
 
 
 def read_checkpoint(out: Path) -> dict[str, Any]:
     """The checkpoint in `out`, read safely (tensors and plain data only) and checked for its format;
     DistillError (one line) for anything else: a truncated, foreign or crafted file."""
     try:
-        state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        state = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated/foreign/crafted file raises many types
         reason = " ".join(str(exc).split())[:200]
-        raise DistillError(f"{out / CHECKPOINT} is not a readable probe-distill checkpoint ({type(exc).__name__}: "
+        raise DistillError(f"{out / CHECKPOINT_FILE} is not a readable probe-distill checkpoint ({type(exc).__name__}: "
                            f"{reason}); start a new run in another --out") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         if isinstance(found, int) and found < CHECKPOINT_FORMAT:
-            raise DistillError(f"{out / CHECKPOINT} was written by an older probe-distill (checkpoint format "
+            raise DistillError(f"{out / CHECKPOINT_FILE} was written by an older probe-distill (checkpoint format "
                                f"{found}, this one reads {CHECKPOINT_FORMAT}): it cannot be resumed; start a new "
                                f"run in another --out")
-        raise DistillError(f"{out / CHECKPOINT} is not a probe-distill checkpoint of format {CHECKPOINT_FORMAT}")
+        raise DistillError(f"{out / CHECKPOINT_FILE} is not a probe-distill checkpoint of format {CHECKPOINT_FORMAT}")
     missing = [k for k in _STATE_KEYS if k not in state]
     if missing or not isinstance(state["run"], dict) or not isinstance(state["step"], int):
-        raise DistillError(f"{out / CHECKPOINT} is damaged (missing or malformed: {', '.join(missing) or 'run/step'}); "
+        raise DistillError(f"{out / CHECKPOINT_FILE} is damaged (missing or malformed: {', '.join(missing) or 'run/step'}); "
                            f"start a new run in another --out")
     return state
 

@@ -45,10 +45,12 @@ import torch
 from torch import Tensor
 
 from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
-from engine.distill.checkpoint import (CHECKPOINT, load_checkpoint, read_checkpoint, run_identity, save_checkpoint,
+from engine.distill.checkpoint import (load_checkpoint, read_checkpoint, run_identity, save_checkpoint,
                                       store_id)
 from engine.distill.config import (REAL_INITS, DistillConfig, DistillError, NonFiniteLossError, parse_chunk,
                                    parse_grow_every, parse_real_batch, resolve_lr)
+from engine.distill.outdir import (CHECKPOINT_FILE, CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGES_DIR,
+                                    LOSS_PLOT_FILE, METRICS_FILE, check_out_dir, recheck_out_dir)
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
@@ -63,8 +65,7 @@ from featurestore.augment import AugmentConfig
 from featurestore.progress import progress
 from featurestore.distributed import DistContext, any_rank, contiguous_share, destroy, init_process_group_from_env
 from featurestore.errors import UserError, one_line
-from featurestore.runtime import (LOCK_FILE, atomic_write_json, exclusive_lock, free_memory, is_locked,
-                                  require_writable, tool_version, write_errors)
+from featurestore.runtime import atomic_write_json, exclusive_lock, free_memory, tool_version, write_errors
 
 
 @dataclass
@@ -171,48 +172,6 @@ def distill(cfg: DistillConfig) -> DistillResult:
 # ----------------------------------------------------------------------------------------------------
 # setup
 
-# What a run writes before its first checkpoint: a directory holding only these (and no checkpoint) is a
-# run that died early, and the same command starts it again.
-_EARLY_FILES = frozenset({"config.json", "metrics.jsonl", LOCK_FILE})
-
-
-def _entries(out: Path) -> set[str]:
-    """The names in --out, without the hidden temp files and folders of atomic writes (`.<name>.*`): a run
-    killed in the middle of one leaves them, and they must not make its directory look used."""
-    if not out.is_dir():
-        return set()
-    return {p.name for p in out.iterdir() if p.name == LOCK_FILE or not p.name.startswith(".")}
-
-
-def check_out_dir(out: Path, resume: bool, main: bool = True) -> bool:
-    """Checks --out before anything is loaded; returns whether to resume from its checkpoint.
-
-    A directory another live run holds is refused (naming it); a directory that holds only the files of a
-    run that never checkpointed (killed, or a non-finite loss at the first steps) starts again, with or
-    without --resume; a directory that cannot be written is refused now, not after loading everything.
-    Only rank 0 (`main`) looks at the lock: it alone takes it (the other ranks could see it still held by
-    rank 0 in the instant after a previous run)."""
-    holder = is_locked(out) if main else None
-    if holder is not None:
-        raise DistillError(f"--out {out} is in use by another run ({holder}): wait for it to finish, or "
-                           f"choose another --out")
-    entries = _entries(out)
-    abandoned = bool(entries) and entries <= _EARLY_FILES and (out / "config.json").is_file()
-    if resume:
-        if (out / CHECKPOINT).is_file():
-            return True
-        if not abandoned:
-            raise DistillError(f"--resume: no {CHECKPOINT} in {out}; start a new run without --resume")
-    elif not abandoned and not (entries <= {LOCK_FILE}):
-        raise DistillError(f"--out {out} exists and is not empty: choose a new directory, or pass --resume to "
-                           f"continue the run in it")
-    if abandoned and main:
-        print(f"note: {out} holds a run that stopped before its first checkpoint: starting it again from step 0",
-              file=sys.stderr)
-    require_writable(out, DistillError)
-    return False
-
-
 def setup(cfg: DistillConfig, ctx: DistContext, held: ExitStack) -> Run:
     """Every check and every load, agreed on by all ranks; then rank 0 takes the output directory's lock
     (kept in `held`, agreed on too) and writes config.json. A rank that cannot start stops every rank
@@ -230,7 +189,7 @@ def setup(cfg: DistillConfig, ctx: DistContext, held: ExitStack) -> Run:
     if run.main:
         try:
             held.enter_context(exclusive_lock(run.out, "output directory"))
-            _recheck_out_dir(run.out, run.resumed)
+            recheck_out_dir(run.out, run.resumed)
         except Exception as exc:  # noqa: BLE001 - see above
             if not ctx.is_distributed:
                 raise
@@ -238,21 +197,9 @@ def setup(cfg: DistillConfig, ctx: DistContext, held: ExitStack) -> Run:
     _agree(error)
     if run.main:
         with run.writes():
-            atomic_write_json(run.out / "config.json", run.config)
-            write_metrics(run.out / "metrics.jsonl", run.metrics)
+            atomic_write_json(run.out / CONFIG_FILE, run.config)
+            write_metrics(run.out / METRICS_FILE, run.metrics)
     return run
-
-
-def _recheck_out_dir(out: Path, resumed: bool) -> None:
-    """Called with the lock held: --out was checked before the (slow) loads, without the lock; a run into
-    the same --out that finished or checkpointed meanwhile must not be overwritten."""
-    if resumed:
-        return  # the checkpoint was read before the lock; the run continues from it, as it would have
-    entries = _entries(out)
-    if not entries <= _EARLY_FILES:
-        raise DistillError(f"--out {out} was written by another run while this one was loading "
-                           f"({', '.join(sorted(entries - _EARLY_FILES))}): choose another --out, or pass --resume "
-                           f"to continue the run in it")
 
 
 def _agree(error: Exception | None) -> None:
@@ -476,7 +423,7 @@ def _prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
             for name, gen in generators.items():
                 gen.set_state(checkpoint["generators"][name])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise DistillError(f"{out / CHECKPOINT} does not fit this run ({type(exc).__name__}: "
+            raise DistillError(f"{out / CHECKPOINT_FILE} does not fit this run ({type(exc).__name__}: "
                                f"{' '.join(str(exc).split())[:200]}); start a new run in another --out") from None
         metrics = list(checkpoint["metrics"])
         start_step = int(checkpoint["step"])
@@ -579,7 +526,7 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
 def steps(run: Run) -> None:
     """Steps from the start (or the checkpoint) to `cfg.steps`, with checkpoints and interrupts."""
     cfg, device = run.cfg, run.ctx.device
-    metrics_path = run.out / "metrics.jsonl"
+    metrics_path = run.out / METRICS_FILE
     elapsed_before = float(run.metrics[-1]["seconds"]) if run.metrics else 0.0
     run_start = time.perf_counter()
     index = run.start_step
@@ -747,11 +694,11 @@ def finish(run: Run) -> DistillResult:
     class_names = run.store.class_names
     if run.main:
         with run.writes():
-            write_imagefolder(run.out / "images", images, labels, class_names)
-            atomic_write_json(run.out / "config.json", run.config)
-            save_safetensors(run.out / "distilled.safetensors", images, labels, class_names, run.config)
-            save_grid(run.out / "grid.png", images, labels, class_names)
-            save_loss_plot(run.out / "loss.png", run.metrics,
+            write_imagefolder(run.out / IMAGES_DIR, images, labels, class_names)
+            atomic_write_json(run.out / CONFIG_FILE, run.config)
+            save_safetensors(run.out / DISTILLED_FILE, images, labels, class_names, run.config)
+            save_grid(run.out / GRID_FILE, images, labels, class_names)
+            save_loss_plot(run.out / LOSS_PLOT_FILE, run.metrics,
                            f"{run.cfg.method} {' + '.join(m.name for m in run.members)} ipc={run.cfg.ipc} "
                            f"({run.store.dataset})")
     return DistillResult(out=run.out, images=images, labels=labels, class_names=class_names,
