@@ -118,7 +118,7 @@ def test_centroid_init_of_several_backbones_is_their_joint_pick(store):
     the sum over backbones of the squared distance to that backbone's class mean, each divided by the
     backbone's mean within-class squared distance (a reference computation in float64)."""
     from engine.baselines import pick_cluster_centroids
-    from engine.distill.loop import _init_features
+    from engine.distill.prepare import _init_features
     from featurestore.store import FeatureStore
 
     splits = [FeatureStore.open(store).split(name, "train") for name in BACKBONES]

@@ -1,0 +1,80 @@
+"""Memory of a distillation run: the estimate that refuses impossible runs before anything is allocated,
+and the peak measured during a run (recorded per step in metrics.jsonl)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from engine.distill.config import DistillConfig, DistillError
+from featurestore.runtime import free_memory
+
+# Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels),
+# their gradients and two Adam moments (4 x 4/3 x 4 bytes), plus the decoded images and the buffers of
+# decoding them forward and backward (~5 x 4 bytes). An estimate, to refuse impossible runs up front.
+_BYTES_PER_SYNTHETIC_VALUE = 42
+
+
+# Per augmented copy and step, whatever --chunk does: its features and their gradient (float32 [D] each,
+# for every backbone) and its augmentation parameters (an affine grid's 2x3 matrix, flags, seeds).
+_BYTES_PER_COPY_PARAMS = 64
+
+
+def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: torch.device,
+                 dims: Sequence[int] = ()) -> None:
+    """Refuse (one line) a synthetic set, or a number of augmented copies per step, that cannot fit in
+    memory, before allocating any of it. `dims`: the feature size of each backbone."""
+    values = num_classes * cfg.ipc * 3 * resolution * resolution
+    need = values * _BYTES_PER_SYNTHETIC_VALUE
+    have = free_memory(device)
+    where = "the GPU" if device.type == "cuda" else "this machine"
+    if need > have:
+        raise DistillError(f"--ipc {cfg.ipc} x {num_classes} classes at {resolution} px needs about "
+                           f"{need / 2**30:.1f} GiB for the synthetic images and their optimizer state, and "
+                           f"{where} has {have / 2**30:.1f} GiB free: lower --ipc")
+    copies = num_classes * cfg.ipc * cfg.augs
+    copies_need = copies * (2 * 4 * sum(dims) + _BYTES_PER_COPY_PARAMS)
+    if need + copies_need > have:
+        raise DistillError(f"--augs {cfg.augs} x --ipc {cfg.ipc} x {num_classes} classes = {copies} augmented "
+                           f"copies per step need about {copies_need / 2**30:.1f} GiB for their features and "
+                           f"augmentation parameters (besides {need / 2**30:.1f} GiB for the images), and {where} "
+                           f"has {have / 2**30:.1f} GiB free: lower --augs (or --ipc)")
+
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory count at this run, so a run's peak is its own even when the process made
+    other runs before (a notebook, a benchmark, the demo). On a CPU under Linux, writing 5 to
+    /proc/self/clear_refs resets the process's RSS high-water mark (VmHWM); where that is not allowed the
+    peak stays the process's (said in `peak_memory_mb`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: CUDA max allocated, or on a CPU the RSS high-water mark
+    (VmHWM; ru_maxrss, the process's peak since it started, where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover - Windows
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20

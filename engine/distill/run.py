@@ -1,0 +1,123 @@
+"""The state of a distillation run (`Run`: what `prepare` builds and the steps share) and its result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.distill.checkpoint import run_identity
+from engine.distill.config import DistillConfig, DistillError, NonFiniteLossError
+from engine.distill.members import Member
+from engine.objectives import Objective
+from engine.parameterizations import SyntheticImages
+from featurestore.distributed import DistContext
+from featurestore.runtime import write_errors
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    images: Tensor  # float32 [N, 3, R, R] in [0, 1]
+    labels: Tensor  # int64 [N]
+    class_names: list[str]
+    losses: list[float]  # one per completed step, from step 1
+    steps_done: int
+    resumed_from: int | None
+    config: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0  # this process' rank under torchrun (0 in a single process); rank 0 wrote the outputs
+    world_size: int = 1
+
+
+@dataclass
+class Run:
+    """Everything `setup` prepares and the steps share."""
+
+    cfg: DistillConfig
+    ctx: DistContext
+    out: Path
+    store: Any
+    members: list[Member]
+    objective: Objective
+    generators: dict[str, torch.Generator]
+    synthetic: SyntheticImages
+    optimizer: torch.optim.Optimizer
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    start_step: int
+    resumed: bool
+    lr_history: list[dict[str, Any]]
+    resolved: dict[str, Any]  # what the automatic options resolved to (grow_every, real_batch)
+    last_saved: int | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def splits(self) -> list[Any]:
+        return [m.split for m in self.members]
+
+    def writes(self):
+        """Around every write into --out: an OSError (disk full, permission lost) becomes one line saying
+        how to go on. Checkpoints are written atomically, so the last one on disk is always whole."""
+        then = (f"rerun the same command with --resume (the checkpoint of step {self.last_saved} is intact)"
+                if self.last_saved is not None else
+                "rerun the same command (no checkpoint was written yet: it starts again from step 0)")
+        return write_errors(f"to --out {self.out}", then, DistillError)
+
+    def checkpoint_state(self, step: int) -> dict[str, Any]:
+        """What the checkpoint after `step` steps holds (engine.distill.checkpoint)."""
+        return {
+            "step": step, "run": run_identity(self.cfg, self.splits, self.resolved),
+            "synthetic": self.synthetic.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "lr_history": self.lr_history,
+            "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics}
+
+    def step_draws(self) -> dict[str, Any]:
+        """The states of the generators a step draws from (all but the init stream), to rewind them."""
+        return {k: g.get_state() for k, g in self.generators.items() if k != "init"}
+
+    def rewind(self, states: dict[str, Any]) -> None:
+        """The generators back to `states` (`step_draws`, taken before a step whose draws must not count)."""
+        for k, state in states.items():
+            self.generators[k].set_state(state)
+
+    def nonfinite_loss(self, loss_value: float, index: int) -> NonFiniteLossError:
+        """The error for a non-finite loss at step `index` (0-based), saying how to go on."""
+        if self.last_saved is not None:
+            advice = (f"the last good checkpoint (step {self.last_saved}) is kept: rerun with --resume "
+                      f"and a lower --lr (now {self.lr_history[-1]['lr']:.3g}) to continue from it with the "
+                      f"new rate")
+        else:
+            advice = (f"no checkpoint was written yet: rerun the same command with a lower --lr "
+                      f"(now {self.lr_history[-1]['lr']:.3g}); it starts again from step 0")
+        return NonFiniteLossError(f"the loss became {loss_value} at step {index + 1}; {advice}")
+
+
+@dataclass
+class Clock:
+    """A run's distillation time: the seconds before a resume plus this process's, the probes' excluded."""
+
+    before: float
+    start: float = field(default_factory=time.perf_counter)
+
+    def seconds(self, now: float) -> float:
+        return self.before + now - self.start
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+
+def stepping_run(ctx: DistContext, members: list[Member], objective: Objective, synthetic: SyntheticImages,
+                 generators: dict[str, torch.Generator], lr: float) -> Run:
+    """A Run that only steps (`loop.step`): no store, no --out, nothing written. What the GPU check
+    times, so that it measures the step `engine distill` ships."""
+    return Run(cfg=DistillConfig(store="", out=""), ctx=ctx, out=Path(), store=None, members=members,
+               objective=objective, generators=generators, synthetic=synthetic,
+               optimizer=torch.optim.Adam(synthetic.parameters(), lr=lr), config={}, metrics=[], start_step=0,
+               resumed=False, lr_history=[{"from_step": 0, "lr": lr}], resolved={})
