@@ -284,29 +284,18 @@ def _peak_memory_gib(device: str) -> float:
     return float("nan")
 
 
-def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int, warmup: int, steps: int,
-                 ctx: Context) -> dict[str, Any]:
-    """`steps` timed LGM steps (after `warmup`) the way engine.distill.loop.step runs them."""
+def _real_source(mode: str, backbone, c: int, n_store: int, authors_batch: int, device: str):
+    """The real side of `distill_mode` and the line saying what it takes per step."""
     import torch
 
-    from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
-    from engine.distill.seeds import make_generators
-    from engine.objectives import get_objective
-    from engine.parameterizations import make_synthetic
     from engine.real import ImageRealSource, StoreRealSource, plan_real_batch
-    from featurestore.augment import AugmentConfig
 
-    device = ctx.device
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    gens = make_generators(0)
-    authors_batch = ipc * augs * c
     if mode == "store":
         gen = torch.Generator().manual_seed(1)
         features = torch.randn(n_store, backbone.dim, generator=gen).half()   # as stored (fp16)
         labels = torch.randint(0, c, (n_store,), generator=gen)
-        batch, plan_line = plan_real_batch("auto", n_store, c, backbone.dim, authors_batch, torch.device(device).type)
+        batch, real_batch_note = plan_real_batch("auto", n_store, c, backbone.dim, authors_batch,
+                                                 torch.device(device).type)
         real = StoreRealSource(features, labels, batch=batch, device=device)
     else:
         # The authors' real batch: ipc * augs * C images, each augmented and pushed through the backbone every
@@ -316,40 +305,62 @@ def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int,
         labels = rows % c
         real = ImageRealSource(_NoiseImages(backbone.resize_size), rows, labels, backbone, batch=authors_batch,
                                augment_images=True, cache_bytes=authors_batch * 3 * backbone.resize_size ** 2 * 4)
-        plan_line = f"end to end: {authors_batch} real images augmented and embedded per step (decoded once, cached)"
-    synthetic = make_synthetic("pyramid", c, ipc, backbone.resize_size, init="noise", grow_every=10_000,
-                               generator=gens["init"], device=device)
-    optimizer = torch.optim.Adam(synthetic.parameters(), lr=2e-3)
-    side = SyntheticSide(backbone, augs, True, AugmentConfig())
-    objective = get_objective("lgm", c)
-    copies = side.copies(synthetic.n)
-    per_pass, pass_info = resolve_copies_per_pass("auto", side, synthetic.images().detach(), copies)
-    times, losses = [], []
-    for index in range(warmup + steps):
-        ctx.sync()
-        start = time.perf_counter()
-        if synthetic.grow(index):
-            optimizer = torch.optim.Adam(synthetic.parameters(), lr=2e-3)
-        real_features, real_labels = real.sample(gens["real"])
-        plan = side.draw(synthetic.n, gens["augment"])
-        optimizer.zero_grad(set_to_none=True)
+        real_batch_note = f"end to end: {authors_batch} real images augmented and embedded per step (decoded once, cached)"
+    return real, real_batch_note
 
-        def loss_fn(syn_features, copy_labels, real_features=real_features, real_labels=real_labels):
-            return objective.loss(syn_features, copy_labels, real_features, real_labels, gens["head"])
 
-        loss = side.loss_and_backward(synthetic.images, synthetic.labels, plan, per_pass, loss_fn)
-        optimizer.step()
-        ctx.sync()
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int, warmup: int, steps: int,
+                 ctx: Context) -> dict[str, Any]:
+    """`steps` timed LGM steps (after `warmup`): engine.distill.loop.step, the step `engine distill` runs,
+    then the optimizer update."""
     import math
 
+    import torch
+
+    from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
+    from engine.distill.loop import step
+    from engine.distill.members import Member
+    from engine.distill.run import stepping_run
+    from engine.distill.seeds import make_generators
+    from engine.objectives import get_objective
+    from engine.parameterizations import make_synthetic
+    from featurestore.augment import AugmentConfig
+    from featurestore.distributed import destroy, init_process_group_from_env
+
+    device = ctx.device
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    gens = make_generators(0)
+    real, real_batch_note = _real_source(mode, backbone, c, n_store, ipc * augs * c, device)
+    synthetic = make_synthetic("pyramid", c, ipc, backbone.resize_size, init="noise", grow_every=10_000,
+                               generator=gens["init"], device=device)
+    side = SyntheticSide(backbone, augs, True, AugmentConfig())
+    copies = side.copies(synthetic.n)
+    per_pass, pass_info = resolve_copies_per_pass("auto", side, synthetic.images().detach(), copies)
+    member = Member(split=None, backbone=backbone, real=real, side=side, weight=1.0, copies_per_pass=per_pass,
+                    pass_info=pass_info, real_batch_note=real_batch_note)
+    dist_ctx = init_process_group_from_env(device)
+    try:
+        run = stepping_run(dist_ctx, [member], get_objective("lgm", c), synthetic, gens, lr=2e-3)
+        times, losses = [], []
+        for index in range(warmup + steps):
+            ctx.sync()
+            start = time.perf_counter()
+            loss, _, _ = step(run, index, [False])
+            run.optimizer.step()
+            ctx.sync()
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+            losses.append(loss)
+    finally:
+        destroy(dist_ctx)
     return {"mode": mode, "s_per_step": statistics.median(times), "steps_timed": len(times),
             "peak_memory_gib": round(_peak_memory_gib(device), 3),
             "peak_memory_how": "torch.cuda.max_memory_allocated" if device == "cuda" else "VmHWM of the part's process",
             "copies_per_step": copies, "copies_per_pass": per_pass, "chunk": pass_info.get("chunk"),
-            "real_rows_per_step": real_features.shape[0], "real_plan": plan_line,
+            "real_rows_per_step": real.num_rows if real.batch is None else min(real.batch, real.num_rows),
+            "real_plan": real_batch_note,
             "losses_finite": all(math.isfinite(v) for v in losses), "last_loss": round(losses[-1], 5)}
 
 
