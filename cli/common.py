@@ -10,6 +10,7 @@ from typing import Callable, TypeVar
 import typer
 
 from featurestore.errors import UserError
+from featurestore.runtime import stop_zarr_io_thread
 
 F = TypeVar("F", bound=Callable)
 
@@ -43,5 +44,9 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        finally:
+            # zarr's own exit handler closes its IO loop after waiting only 0.2 s for the thread, which
+            # prints a traceback after our last line on a loaded machine (issue 20, defect 4).
+            stop_zarr_io_thread()
 
     return wrapper  # type: ignore[return-value]

@@ -190,3 +190,30 @@ def tool_version() -> str:
             return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + "+source"
         except (OSError, KeyError, ValueError):
             return "unknown"
+
+
+def stop_zarr_io_thread(timeout: float = 30.0) -> None:
+    """Stop zarr's IO event loop now, waiting up to `timeout` seconds for its thread.
+
+    zarr stops that loop in an atexit handler that waits only 0.2 s for the thread and then closes the
+    loop anyway: on a loaded machine (or right after a failed write, e.g. a full disk) the thread is
+    often not scheduled in time, and `Cannot close a running event loop` is printed as a traceback
+    after the command's own last line. Stopping it here, patiently, leaves that handler nothing to do.
+    A later zarr call starts a new loop, so this is safe to call after every command."""
+    sync = sys.modules.get("zarr.core.sync")
+    if sync is None:
+        return  # zarr was never imported: no loop
+    with sync._get_lock():
+        loop, thread = sync.loop[0], sync.iothread[0]
+        if loop is None:
+            return
+        sync.loop[0] = None
+        sync.iothread[0] = None
+    if loop.is_closed():
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join(timeout)
+        if thread.is_alive():  # a daemon thread: it ends with the process; closing it now would raise
+            return
+    loop.close()

@@ -625,6 +625,10 @@ class StoreSplit:
             specs = array_specs(self.attrs, self.store.num_classes)
             if UNIT_COLOUR not in self.group:  # stores built before colour was recorded
                 specs.pop(UNIT_COLOUR)
+            if not self.complete and self.units_done() == 0 and any(name not in self.group for name in specs):
+                # A build stopped (killed, disk full) while it created the split's arrays: no unit is done
+                # and the next `fs build` creates what is missing. Incomplete, not damaged.
+                return []
             arrays = {name: self._array(name) for name in specs}
         except StoreError as exc:
             return [whole(str(exc).split(": ", 1)[-1])]
