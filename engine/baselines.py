@@ -9,7 +9,7 @@
   pick the same real image; `baseline.json` records each pick. The set's images are embedded like
   real view-0 features: resized to the backbone's resize_size, centre crop, no augmentation.
 
-Real pixels come from the store split's source (`StoreSplit.dataset()`), as canonical images at the
+Real pixels come from the store split's source (`StoreSplit.open_dataset()`), as canonical images at the
 store's resize_size, so datasets without files on disk (fashion-mnist, synthetic) are exported as PNG.
 Output: `OUT/images/<class>/<k>.png` (via engine.imagefolder) and `OUT/baseline.json` (chosen sample ids
 per class and everything needed to reproduce). Written to a temporary sibling directory and renamed, so

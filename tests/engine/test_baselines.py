@@ -78,7 +78,7 @@ def test_centroid_baseline_on_disk(tiny_store, tmp_path):
     data = split.load()
     feats, labels = data.features.numpy(), data.labels.numpy()
     ids = split.sample_ids()
-    ds = split.dataset()
+    ds = split.open_dataset()
     folders = class_folder_names(tiny_store.class_names)
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(folders)
     on_disk = json.loads((out / "baseline.json").read_text())

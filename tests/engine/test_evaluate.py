@@ -124,7 +124,7 @@ def tiny_store(make_gratings_store):
 def image_set(tiny_store, tmp_path_factory):
     """One real training image per class, written as a set (canonical images at 36 px)."""
     split = tiny_store.split("test-vit", "train")
-    ds = split.dataset()
+    ds = split.open_dataset()
     rows = [int(r) for r in torch.arange(0, split.n, 4)]  # classes are stored class by class, 4 each
     images = torch.stack([canonical_image(ds.load_image(r), split.resize_size) for r in rows])
     labels = torch.tensor([int(ds.labels[r]) for r in rows])
@@ -140,7 +140,7 @@ def test_eval_features_match_stored_features(tiny_store, image_set):
     for bb in ("test-vit", "test-cnn"):
         split = tiny_store.split(bb, "train")
         model = split.open_backbone("cpu")
-        ds = split.dataset()
+        ds = split.open_dataset()
         images = torch.stack([canonical_image(ds.load_image(r), split.resize_size) for r in rows])
         ours = embed_views(model, images, 1, None)[0]
         stored = split.load(view=0).features[rows]

@@ -90,7 +90,7 @@ def test_new_stores_checksum_every_chunk(clean_store):
     ("random features", "features", "rows 32-39 (unit 2 of 3)", "checksum mismatch"),
     ("truncate features", "features", "rows 0-15 (unit 0 of 3)", "checksum mismatch"),
     ("random labels", "labels", "rows 16-31 (unit 1 of 3)", "checksum mismatch"),
-    ("delete labels", "labels", "rows 0-15 (unit 0 of 3)", "skipped list does not name"),
+    ("delete labels", "labels", "rows 0-15 (unit 0 of 3)", "skipped list disagree"),
 ])
 def test_load_refuses_damaged_chunks_in_one_line(store_copy, damage, array, rows, fragment):
     """Defect 1: before, a missing chunk loaded as NaN rows (or, for labels, as 'skipped' rows) and a
