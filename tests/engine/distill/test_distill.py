@@ -1,5 +1,6 @@
-"""engine.distill end to end on a tiny store (gratings dataset, test-cnn, fp32, 2 views): chunked
-back-propagation, store vs end-to-end real side, resume, Ctrl-C, NaN, outputs, bad input, and the CLI."""
+"""engine.distill end to end on a tiny store (gratings dataset, test-cnn, fp32, 2 views): resume, Ctrl-C,
+NaN, outputs, bad input, and the CLI (chunked back-propagation: test_backprop.py; the real side:
+tests/engine/test_real.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,9 @@ from typer.testing import CliRunner
 
 import engine.objectives as objectives
 from cli.engine import app
-from engine.distill import (DistillConfig, DistillError, DistillInterrupted, NonFiniteLossError, SyntheticSide,
-                            distill)
+from engine.distill import DistillConfig, DistillError, DistillInterrupted, NonFiniteLossError, distill
 from engine.imagefolder import read_imagefolder
 from engine.objectives import LGMObjective
-from engine.real import ImageRealSource, StoreRealSource
-from engine.parameterizations import PyramidImages
-from featurestore.augment import AugmentConfig
 from featurestore.backbones import create_backbone
 from featurestore.errors import StoreError
 from featurestore.store import FeatureStore
@@ -56,56 +53,6 @@ def _fail_on_call(monkeypatch, call: int, exc_or_value):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(objectives.LGMObjective, "loss", patched)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Math of the loop
-
-
-@pytest.mark.parametrize("backbone_name", ["test-cnn", "test-vit"])
-def test_chunked_backprop_equals_single_pass(backbone_name):
-    backbone = create_backbone(backbone_name)
-    grads, losses = [], []
-    for chunk in (10**6, 2, 3):
-        syn = PyramidImages(3, 2, backbone.resize_size, init="noise", grow_every=1,
-                            generator=torch.Generator().manual_seed(0))
-        for s in range(4):
-            syn.grow(s)
-        forward = SyntheticSide(backbone, 3, True, AugmentConfig())
-        plan = forward.draw(syn.n, torch.Generator().manual_seed(5))
-        real = torch.randn(40, backbone.dim, generator=torch.Generator().manual_seed(1))
-        real_y = torch.arange(40) % 3
-        obj = LGMObjective(3, head_std=0.1)
-        loss = forward.loss_and_backward(
-            syn.images, syn.labels, plan, chunk,
-            lambda f, y: obj.loss(f, y, real, real_y, torch.Generator().manual_seed(9)))
-        losses.append(loss)
-        grads.append([p.grad.clone() for p in syn.parameters()])
-    for other_loss, other in zip(losses[1:], grads[1:]):
-        torch.testing.assert_close(other_loss, losses[0], atol=1e-6, rtol=1e-6)
-        for a, b in zip(other, grads[0]):
-            assert a.abs().max() > 0
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-
-
-def test_store_and_end_to_end_real_gradients_agree_without_augmentation(store):
-    split = FeatureStore.open(store).split(BACKBONE, "train")
-    backbone = create_backbone(BACKBONE)
-    from_store = StoreRealSource.from_split(split, batch=17, augment_views=False)
-    from_images = ImageRealSource.from_split(split, backbone, batch=17, augment_images=False)
-    obj = LGMObjective(CLASSES, head_std=0.5)
-    for seed in range(3):
-        fs, ls = from_store.sample(torch.Generator().manual_seed(seed))
-        fi, li = from_images.sample(torch.Generator().manual_seed(seed))
-        assert torch.equal(ls, li) and fs.shape == (17, backbone.dim)
-        torch.testing.assert_close(fi, fs, atol=1e-5, rtol=1e-5)
-        gs_real, _ = obj.gradients(fs, ls, fs, ls, torch.Generator().manual_seed(seed))
-        gi_real, _ = obj.gradients(fi, li, fi, li, torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(gi_real, gs_real, atol=1e-7, rtol=1e-5)
-    full = StoreRealSource.from_split(split, batch=None, augment_views=True)
-    f_all, l_all = full.sample(torch.Generator().manual_seed(0))
-    assert f_all.shape == (CLASSES * PER_CLASS, backbone.dim) and full.views == 2
-    assert torch.equal(l_all, torch.arange(CLASSES).repeat_interleave(PER_CLASS))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from cli.engine import app
 from engine.distill import DistillConfig, DistillError, NonFiniteLossError, distill
 from engine.imagefolder import MAX_FOLDER_CHARS, read_imagefolder
 from engine.objectives import LGMObjective
-from engine.outputs import GRID_MAX_CLASSES, grid_columns, grid_pages, save_grid
 from engine.real import ImageRealSource
 from featurestore.build import build
 from featurestore.runtime import exclusive_lock
@@ -509,20 +508,6 @@ def test_progress_in_a_log_is_lines_not_redraws(store, tmp_path, monkeypatch):
     assert [line.split(" step")[0] for line in lines[:7]] == [f"distill lgm: {k}/7" for k in range(1, 8)]
     assert "ETA" in lines[0] and ("step/s" in lines[0] or "s/step" in lines[0])
     assert "distill lgm: 7/7 step (100%)" in result.output
-
-
-def test_grids_are_near_square_and_paged(tmp_path):
-    """Before: one image per class made a single tall column, and only the first 50 classes were shown."""
-    assert grid_columns(10, 1) == 3 and grid_columns(10, 10) == 1 and grid_columns(100, 1) == 10
-    overview, pages = grid_pages(list(range(250)))
-    assert len(overview) == GRID_MAX_CLASSES and overview[0] == 0 and overview[-1] == 249
-    assert [c for page in pages for c in page] == list(range(250)) and all(len(p) <= GRID_MAX_CLASSES for p in pages)
-    path = tmp_path / "grid.png"
-    save_grid(path, torch.rand(10, 3, 16, 16), torch.arange(10), [f"class {i}" for i in range(10)])
-    width, height = Image.open(path).size
-    assert 0.5 < width / height < 2.0
-    save_grid(tmp_path / "big.png", torch.rand(120, 3, 8, 8), torch.arange(120), [str(i) for i in range(120)])
-    assert sorted(p.name for p in (tmp_path / "big-pages").iterdir()) == ["page-001.png", "page-002.png"]
 
 
 def test_checkpoint_holds_only_plain_data(store, tmp_path):
