@@ -72,6 +72,22 @@ def _proc_status_mb(field: str) -> float:
     return float("nan")
 
 
+# Memory the synthetic set itself needs, whatever the method or the number of copies: per value of its N
+# = C * ipc images, the parameters, their gradient and Adam's two moments, and the decoded images and
+# their gradient, float32, all held at once during the backward (measured: 7.4x the parameters' size at
+# that moment for N = 1000, the rest being the decode's backward buffers). It grows with C; the memory
+# "flat in copies" is what lies above it.
+def intrinsic_mb(result) -> float | None:
+    """Six float32 tensors of the synthetic set's size (four of the parameters' size with a `pixels`
+    parameterization, two of the decoded images'); None for the pyramid (its levels: not what this
+    bench runs)."""
+    if result.config["synthetic"]["kind"] != "pixels":
+        return None
+    decoded = result.images.numel()
+    params = decoded // 3 if result.config["resolved"]["colour"] == "grey" else decoded
+    return 4 * (4 * params + 2 * decoded) / 2**20
+
+
 def child(spec: dict) -> dict:
     """One measured run (in its own process): distill `steps` steps, report time/step and peak memory."""
     import torch
@@ -88,9 +104,11 @@ def child(spec: dict) -> dict:
     wall = time.time() - t
     rows = [json.loads(line) for line in (Path(cfg.out) / METRICS_FILE).read_text().splitlines() if line]
     step_s = [r["step_seconds"] for r in rows[1:]] or [rows[0]["step_seconds"]]  # first step warms up
-    out = {"seconds_per_step": statistics.median(step_s), "wall_seconds": wall,
-           "peak_rss_mb": _proc_status_mb("VmHWM"),
-           "rss_at_start_mb": rss_start, "final_loss": result.losses[-1]}
+    peak = _proc_status_mb("VmHWM")
+    intrinsic = intrinsic_mb(result)
+    out = {"seconds_per_step": statistics.median(step_s), "wall_seconds": wall, "peak_rss_mb": peak,
+           "rss_at_start_mb": rss_start, "intrinsic_mb": intrinsic,
+           "above_intrinsic_mb": None if intrinsic is None else peak - intrinsic, "final_loss": result.losses[-1]}
     if torch.cuda.is_available():
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -167,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"backbone": args.backbone, "size": args.size, "steps": args.steps, "rows": rows, "summary": summary}
     md = [f"Backbone `{args.backbone}` at {args.size} px; {args.steps} steps per run (median step time after "
           "the first); peak memory = peak RSS of a fresh child process per run (CUDA: max allocated).\n",
+          "`intrinsic_mb`: the synthetic set's own memory, 4 bytes x (4 x its parameter values + 2 x its "
+          "decoded pixel values): the parameters, their gradient, Adam's two moments, the decoded images and "
+          "their gradient, all held during the backward; it grows with C * ipc whatever the method. "
+          "`above_intrinsic_mb` = peak - intrinsic: what the copies, the real side and the backbone cost.\n",
           markdown_table(rows, ["C", "ipc", "augs", "M", "mode", "seconds_per_step", "peak_rss_mb",
-                                "rss_at_start_mb", "final_loss"]),
+                                "rss_at_start_mb", "intrinsic_mb", "above_intrinsic_mb", "final_loss"]),
           "\n## Summary\n", "```json\n" + json.dumps(summary, indent=2) + "\n```\n"]
     write_results("bench_distill", payload, "\n".join(md))
     plot(rows, RESULTS_DIR / "bench_distill.png")
@@ -194,6 +216,18 @@ def summarize(rows: list[dict]) -> dict:
         first, last = chunked[0], chunked[-1]
         out["store+chunk memory growth (peak, largest/smallest M)"] = last["peak_rss_mb"] / first["peak_rss_mb"]
         out["M growth"] = last["M"] / first["M"]
+        if last.get("above_intrinsic_mb") is not None and first.get("above_intrinsic_mb") is not None:
+            # "Flat in copies": the peak without the synthetic set's own memory (which grows with C).
+            out["store+chunk memory growth above intrinsic (largest/smallest M)"] = \
+                last["above_intrinsic_mb"] / first["above_intrinsic_mb"]
+        at_fixed_c = {}
+        for c in sorted({r["C"] for r in chunked}):
+            same = [r for r in chunked if r["C"] == c]
+            if len(same) >= 2:  # same C, several M: the synthetic set is the same, only the copies grow
+                at_fixed_c[str(c)] = {"M": [same[0]["M"], same[-1]["M"]],
+                                      "peak growth": same[-1]["peak_rss_mb"] / same[0]["peak_rss_mb"]}
+        if at_fixed_c:
+            out["store+chunk memory growth at fixed C (peak, largest/smallest M)"] = at_fixed_c
     linear = sorted((r for r in ok if r["mode"] == "default" and r["ipc"] == 1 and r["augs"] == 1), key=lambda r: r["C"])
     if len(linear) >= 2:
         out["default s/step per synthetic image (augs 1)"] = {str(r["C"]): r["seconds_per_step"] / r["C"] for r in linear}

@@ -79,7 +79,7 @@ def _gradient_step(chunk: int, distributed: bool, rank: int = 0, world: int = 1)
 
 def _count_writes(monkeypatch_targets, counts: dict[str, int]) -> None:
     """Wrap every writer the engine.distill modules call so the rank's writes are counted."""
-    names = ["atomic_write_bytes", "atomic_write_json", "append_metric", "write_metrics", "write_imagefolder",
+    names = ["atomic_write_stream", "atomic_write_json", "append_metric", "write_metrics", "write_imagefolder",
              "save_safetensors", "save_grid", "save_loss_plot"]
     for name in names:
         monkeypatch_target = next(t for t in monkeypatch_targets if hasattr(t, name))
