@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 
 import typer
 
+from cli.signals import INTERRUPTED, command_signals
 from featurestore.errors import UserError
 from featurestore.runtime import stop_zarr_io_thread
 
@@ -20,7 +21,9 @@ def _ours(category: type) -> bool:
 
 
 def user_errors(fn: F) -> F:
-    """Decorator for typer commands: UserError -> 'error: ...' (one line), exit code 2; Ctrl-C -> 130.
+    """Decorator for typer commands: UserError -> 'error: ...' (one line), exit code 2; Ctrl-C and SIGTERM
+    -> 'interrupted', 130 (in an `fs` / `engine` process, cli/signals.py: once the command has ended, a
+    signal is ignored).
     Warnings of probe-distill's own categories (e.g. `DatasetWarning`) print as one 'warning: ...' line
     on stderr; other libraries' warnings keep Python's format."""
 
@@ -37,13 +40,14 @@ def user_errors(fn: F) -> F:
                         original(message, category, filename, lineno, file, line)
 
                 warnings.showwarning = show
-                return fn(*args, **kwargs)
+                with command_signals():
+                    return fn(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
+            raise typer.Exit(INTERRUPTED) from None
         finally:
             # zarr's own exit handler closes its IO loop after waiting only 0.2 s for the thread, which
             # prints a traceback after our last line on a loaded machine (issue 20, defect 4).

@@ -1,21 +1,28 @@
-"""`engine`: distill synthetic images from a feature store, evaluate image sets, build baselines."""
+"""`engine`: distill synthetic images from a feature store, evaluate image sets, build baselines.
+
+The entry point (`engine` console script, `python -m cli.engine`): signal handling comes first
+(cli/signals.py), then the commands, torch among their imports (cli/engine_commands.py)."""
 
 from __future__ import annotations
 
-import typer
+from typing import Any
 
-from cli.engine_distill import distill_command
-from cli.engine_eval import baseline_command, eval_command
-
-app = typer.Typer(help="Distill, evaluate and compare synthetic image sets on frozen backbones.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-app.command("distill")(distill_command)
-app.command("eval")(eval_command)
-app.command("baseline")(baseline_command)
+from cli.signals import on_start
 
 
 def main() -> None:
+    on_start()  # before typer and torch load: Ctrl-C in the first seconds is one line, exit 130
+    from cli.engine_commands import app
+
     app()
+
+
+def __getattr__(name: str) -> Any:  # `from cli.engine import app` (tests, in-process use)
+    if name == "app":
+        from cli.engine_commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

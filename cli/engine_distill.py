@@ -9,6 +9,7 @@ import sys
 import typer
 
 from cli.options import command, config_params
+from cli.signals import INTERRUPTED, outputs_complete
 from engine.distill import DistillConfig, DistillInterrupted, distill
 from engine.objectives import OBJECTIVES, option_fields
 
@@ -30,7 +31,8 @@ def _distill(**options) -> None:
         result = distill(config)
     except DistillInterrupted as exc:
         print(exc.message(), file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise typer.Exit(INTERRUPTED) from None
+    outputs_complete()  # every output is written: a signal from here on cannot fail the run (exit 0)
     if result.rank != 0:  # under torchrun only rank 0 reports (and writes) anything
         return
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
