@@ -63,15 +63,6 @@ def make_imagefolder(root: Path, num_classes: int, per_class: dict[str, int]) ->
                     Image.fromarray(render_grating(c, split, c * 10_000 + i, cfg)).save(path)
 
 
-def _proc_status_mb(field: str) -> float:
-    """VmHWM / VmRSS of this process in MB. Unlike ru_maxrss, VmHWM starts afresh at exec, so the
-    parent's memory (inherited through fork) does not count."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # Memory the synthetic set itself needs, whatever the method or the number of copies: per value of its N
 # = C * ipc images, the parameters, their gradient and Adam's two moments, and the decoded images and
 # their gradient, float32, all held at once during the backward (measured: 7.4x the parameters' size at
@@ -93,24 +84,27 @@ def child(spec: dict) -> dict:
     import torch
 
     from engine.distill import DistillConfig, distill
+    from engine.distill.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
 
     torch.manual_seed(0)
-    rss_start = _proc_status_mb("VmRSS")
+    cpu = torch.device("cpu")
+    # VmHWM, unlike ru_maxrss, starts afresh at exec: the parent's memory (inherited through fork) does not count.
+    rss_start = current_memory_mb(cpu)
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(torch.device("cuda"))
     cfg = DistillConfig(**spec["config"])
     t = time.time()
     result = distill(cfg)
     wall = time.time() - t
     rows = [json.loads(line) for line in (Path(cfg.out) / METRICS_FILE).read_text().splitlines() if line]
     step_s = [r["step_seconds"] for r in rows[1:]] or [rows[0]["step_seconds"]]  # first step warms up
-    peak = _proc_status_mb("VmHWM")
+    peak = peak_memory_mb(cpu)
     intrinsic = intrinsic_mb(result)
     out = {"seconds_per_step": statistics.median(step_s), "wall_seconds": wall, "peak_rss_mb": peak,
            "rss_at_start_mb": rss_start, "intrinsic_mb": intrinsic,
            "above_intrinsic_mb": None if intrinsic is None else peak - intrinsic, "final_loss": result.losses[-1]}
     if torch.cuda.is_available():
-        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["cuda_max_allocated_mb"] = peak_memory_mb(torch.device("cuda"))
     return out
 
 

@@ -22,13 +22,9 @@ the inputs.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import importlib.util
 import json
 import os
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +40,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a file, not only as `python -m benc
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from benchmarks.harness import PeakExtraMemory, mmap_large_blocks  # noqa: E402
 from engine.kernels import linear_ce_grad, linear_ce_grad_op  # noqa: E402
 
 METHODS = ("dispatch", "blocked", "naive", "autograd")
@@ -83,36 +80,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_M_MMAP_THRESHOLD = -3   # mallopt parameter (glibc malloc.h)
-
-
-def _rss_kib(key: str) -> int | None:
-    try:
-        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's VmHWM to the current RSS (Linux >= 4.0); False if not possible here."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return _rss_kib("VmHWM") is not None
-
-
-def _mmap_large_blocks() -> None:
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        try:
-            ctypes.CDLL(libc_name).mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-        except (OSError, AttributeError):   # not glibc: RSS may then under-count reused heap blocks
-            pass
-
-
 def measure(method: str, n: int, c: int, d: int, dtype: torch.dtype, device: torch.device,
             repeats: int) -> dict[str, Any]:
     """Time and peak extra memory of one method on one size (call in a fresh process on CPU)."""
@@ -120,20 +87,9 @@ def measure(method: str, n: int, c: int, d: int, dtype: torch.dtype, device: tor
     fn(*make_inputs(64, min(c, 16), 16, dtype, device))          # load libraries, thread pools, kernels
     inputs = make_inputs(n, c, d, dtype, device)
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    with PeakExtraMemory(device) as memory:
         out = fn(*inputs)
         _sync(device)
-        peak_bytes = torch.cuda.max_memory_allocated(device) - base
-    elif _reset_peak_rss():
-        base = _rss_kib("VmRSS")
-        out = fn(*inputs)
-        peak_bytes = (_rss_kib("VmHWM") - base) * 1024
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux
-        out = fn(*inputs)
-        peak_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
     del out
     times = []
     for _ in range(repeats):
@@ -143,7 +99,7 @@ def measure(method: str, n: int, c: int, d: int, dtype: torch.dtype, device: tor
         _sync(device)
         times.append(time.perf_counter() - start)
     return {"method": method, "n": n, "c": c, "d": d, "median_ms": statistics.median(times) * 1e3,
-            "min_ms": min(times) * 1e3, "peak_extra_mib": peak_bytes / 2**20, "repeats": repeats}
+            "min_ms": min(times) * 1e3, "peak_extra_mib": memory.extra_bytes / 2**20, "repeats": repeats}
 
 
 def _measure_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         spec = json.loads(args.worker)
         if spec["device"] == "cpu":
-            _mmap_large_blocks()
+            mmap_large_blocks()
         print(json.dumps(measure(spec["method"], spec["n"], spec["c"], spec["d"], _DTYPES[spec["dtype"]],
                                  torch.device(spec["device"]), spec["repeats"])))
         return

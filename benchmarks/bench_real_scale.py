@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_kernel import _mmap_large_blocks, _reset_peak_rss, _rss_kib
 from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_results
+from benchmarks.harness import PeakExtraMemory, mmap_large_blocks
 from engine.kernels import linear_ce_grad
 from engine.real import REAL_MACS_BUDGET, plan_real_batch
 
@@ -144,12 +144,11 @@ def load_split(root: Path, n: int, dtype: np.dtype, rows_per_read: int = CHUNK_R
 
 def measure_load(root: Path, n: int, dtype: np.dtype) -> dict[str, Any]:
     cold = drop_page_cache(root)
-    peak_ok = _reset_peak_rss()
-    base = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    feats, labels = load_split(root, n, dtype)
-    seconds = time.perf_counter() - start
-    peak = (_rss_kib("VmHWM") - base) * 1024 if peak_ok else None
+    with PeakExtraMemory(torch.device("cpu")) as memory:
+        start = time.perf_counter()
+        feats, labels = load_split(root, n, dtype)
+        seconds = time.perf_counter() - start
+    peak = int(memory.extra_bytes) if memory.fresh else None
     in_memory = feats.nbytes + labels.nbytes
     del feats, labels
     # The same rows read BULK_CHUNKS chunks per read: how much of the load is Zarr's per-read overhead.
@@ -172,12 +171,11 @@ def measure_grad(features: torch.Tensor, labels: torch.Tensor, c: int, repeats: 
     weight = torch.randn(c, features.shape[1], generator=gen) * 0.01
     bias = torch.zeros(c)
     labels = labels % c
-    peak_ok = _reset_peak_rss()
-    base = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    grad_call(features, labels, weight, bias)
-    first = time.perf_counter() - start
-    peak = (_rss_kib("VmHWM") - base) * 1024 if peak_ok else None
+    with PeakExtraMemory(torch.device("cpu")) as memory:
+        start = time.perf_counter()
+        grad_call(features, labels, weight, bias)
+        first = time.perf_counter() - start
+    peak = int(memory.extra_bytes) if memory.fresh else None
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -543,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n, args.c, args.d, args.max_seconds = QUICK["n"], QUICK["c"], QUICK["d"], min(args.max_seconds,
                                                                                           QUICK["max_seconds"])
-    _mmap_large_blocks()
+    mmap_large_blocks()
     # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so the temp Zarr files are deleted.
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()

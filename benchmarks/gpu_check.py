@@ -273,17 +273,6 @@ class _NoiseImages:
         return Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))
 
 
-def _peak_memory_gib(device: str) -> float:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def _real_source(mode: str, backbone, c: int, n_store: int, authors_batch: int, device: str):
     """The real side of `distill_mode` and the line saying what it takes per step."""
     import torch
@@ -320,6 +309,7 @@ def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int,
     from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass
     from engine.distill.loop import step
     from engine.distill.members import Member
+    from engine.distill.memory import peak_memory_mb, reset_peak_memory
     from engine.distill.run import stepping_run
     from engine.distill.seeds import make_generators
     from engine.objectives import get_objective
@@ -330,7 +320,7 @@ def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int,
     device = ctx.device
     if device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(torch.device(device))
     gens = make_generators(0)
     real, real_batch_note = _real_source(mode, backbone, c, n_store, ipc * augs * c, device)
     synthetic = make_synthetic("pyramid", c, ipc, backbone.resize_size, init="noise", grow_every=10_000,
@@ -356,7 +346,7 @@ def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int,
     finally:
         destroy(dist_ctx)
     return {"mode": mode, "s_per_step": statistics.median(times), "steps_timed": len(times),
-            "peak_memory_gib": round(_peak_memory_gib(device), 3),
+            "peak_memory_gib": round(peak_memory_mb(torch.device(device)) / 1024, 3),
             "peak_memory_how": "torch.cuda.max_memory_allocated" if device == "cuda" else "VmHWM of the part's process",
             "copies_per_step": copies, "copies_per_pass": per_pass, "chunk": pass_info.get("chunk"),
             "real_rows_per_step": real.num_rows if real.batch is None else min(real.batch, real.num_rows),

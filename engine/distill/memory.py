@@ -43,19 +43,45 @@ def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: 
 
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> bool:
     """Start the peak-memory count at this run, so a run's peak is its own even when the process made
     other runs before (a notebook, a benchmark, the demo). On a CPU under Linux, writing 5 to
     /proc/self/clear_refs resets the process's RSS high-water mark (VmHWM); where that is not allowed the
-    peak stays the process's (said in `peak_memory_mb`)."""
+    peak stays the process's (said in `peak_memory_mb`). Returns whether the count starts here."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
+        return False
+    return _proc_status_kib("VmHWM") is not None
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB; None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])  # kB
+    except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now: CUDA allocated, or on a CPU the resident set (VmRSS); what a peak is measured
+    above when the memory of one piece of code is wanted (the benchmarks)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    kib = _proc_status_kib("VmRSS")
+    if kib is not None:
+        return kib / 1024
+    import psutil  # pragma: no cover - no /proc
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -63,13 +89,9 @@ def peak_memory_mb(device: torch.device) -> float:
     (VmHWM; ru_maxrss, the process's peak since it started, where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib / 1024
     try:
         import resource
 
