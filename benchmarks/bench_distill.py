@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, save_figure, write_results
+from benchmarks.harness import run_child
 from engine.distill.outdir import METRICS_FILE
 
 MODES = {
@@ -108,21 +108,12 @@ def child(spec: dict) -> dict:
     return out
 
 
-def run_child(config: dict) -> dict:
+def run_measurement(config: dict) -> dict:
+    """One measured run in a fresh child process (its peak memory its own); a failure becomes {"error": why}."""
     with tempfile.TemporaryDirectory() as tmp:
         config = dict(config, out=str(Path(tmp) / "out"))
-        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_distill", "--child",
-                               json.dumps({"config": config})], capture_output=True, text=True)
-        if done.returncode != 0:
-            if done.stderr.strip():
-                return {"error": done.stderr.strip().splitlines()[-1]}
-            if done.returncode < 0:  # killed by a signal, nothing printed: SIGKILL is usually the OOM killer
-                import signal
-
-                name = signal.Signals(-done.returncode).name
-                return {"error": f"killed by {name}" + (" (most likely out of memory)" if name == "SIGKILL" else "")}
-            return {"error": f"exit {done.returncode}, no output"}
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        done = run_child([sys.executable, "-m", "benchmarks.bench_distill", "--child", json.dumps({"config": config})])
+        return done.last_json() if done.ok else {"error": done.reason()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             if opts.get("real_batch") == "authors":
                 config["real_batch"] = ipc * augs * c
             print(f"  C={c} ipc={ipc} augs={augs} (M={m}) {mode} ...", file=sys.stderr, flush=True)
-            res = run_child(config)
+            res = run_measurement(config)
             rows.append({"C": c, "ipc": ipc, "augs": augs, "M": m, "mode": mode, **res})
             print(f"    {res}", file=sys.stderr, flush=True)
 

@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a file, not only as `python -m benc
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import RESULTS_DIR, markdown_table, write_results  # noqa: E402
-from benchmarks.harness import PeakExtraMemory, mmap_large_blocks  # noqa: E402
+from benchmarks.harness import PeakExtraMemory, mmap_large_blocks, run_child  # noqa: E402
 from engine.kernels import linear_ce_grad, linear_ce_grad_op  # noqa: E402
 
 METHODS = ("dispatch", "blocked", "naive", "autograd")
@@ -103,11 +102,10 @@ def measure(method: str, n: int, c: int, d: int, dtype: torch.dtype, device: tor
 
 
 def _measure_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernel", "--worker", json.dumps(spec)],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    done = run_child([sys.executable, "-m", "benchmarks.bench_kernel", "--worker", json.dumps(spec)])
+    if not done.ok:
+        raise RuntimeError(f"benchmark worker failed for {spec} ({done.reason()}):\n{done.stderr[-2000:]}")
+    return done.last_json()
 
 
 def run(ns: list[int], cs: list[int], ds: list[int], methods: list[str], dtype_name: str, device: torch.device,

@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +52,8 @@ from typing import Any, Callable
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.harness import ChildRun, run_child  # noqa: E402
 
 TOTAL_BUDGET_S = 470          # the whole check must end within 8 minutes
 # name -> (timeout in seconds on a GPU, what it checks)
@@ -85,28 +85,21 @@ class Context:
             torch.cuda.synchronize()
 
 
-def run_cmd(cmd: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
-            cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-def tail_reason(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (proc.stderr + "\n" + proc.stdout).splitlines() if line.strip()]
-    return one_line(f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}")
+def tail_reason(done: ChildRun) -> str:
+    return one_line(done.reason())
 
 
 # ------------------------------------------------------------------------------------------------ parts
 
 def part_kernel_tests(ctx: Context) -> dict[str, Any]:
-    proc = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/engine/test_kernels.py"])
-    summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line and
+    done = run_child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/engine/test_kernels.py"])
+    summary = next((line for line in reversed(done.stdout.splitlines()) if " in " in line and
                     ("passed" in line or "failed" in line or "error" in line)), "")
     out = {"summary": one_line(summary.strip("= ")),
            "note": "tests/engine/test_kernels.py runs the Triton kernels on CPU tensors (TRITON_INTERPRET=1); "
                    "the CUDA dispatch is checked by kernel-cuda"}
-    if proc.returncode != 0:
-        return {"status": "failed", "reason": one_line(f"pytest exit {proc.returncode}: {summary or tail_reason(proc)}"),
+    if done.returncode != 0:
+        return {"status": "failed", "reason": one_line(f"pytest exit {done.returncode}: {summary or tail_reason(done)}"),
                 **out}
     return {"status": "passed", **out}
 
@@ -208,10 +201,10 @@ def part_bench_kernel(ctx: Context) -> dict[str, Any]:
         sizes = ["--n", "4096", "--c", "10", "--d", "32", "--repeats", "1"]
     else:
         sizes = ["--n", "262144", "1281167", "--c", "1000", "--d", "768", "--repeats", "5"]
-    proc = run_cmd([sys.executable, "-m", "benchmarks.bench_kernel", *sizes, "--device", ctx.device,
-                    "--out-dir", str(out_dir), "--name", "bench_kernel_check", "--quiet"])
-    if proc.returncode != 0:
-        return {"status": "failed", "reason": "bench_kernel: " + tail_reason(proc)}
+    done = run_child([sys.executable, "-m", "benchmarks.bench_kernel", *sizes, "--device", ctx.device,
+                      "--out-dir", str(out_dir), "--name", "bench_kernel_check", "--quiet"])
+    if done.returncode != 0:
+        return {"status": "failed", "reason": "bench_kernel: " + tail_reason(done)}
     rows = json.loads((out_dir / "bench_kernel_check.json").read_text())["rows"]
     keep = ("method", "n", "c", "d", "median_ms", "peak_extra_mib", "speedup_vs_naive")
     rows = [{k: r.get(k) for k in keep} for r in rows]
@@ -445,19 +438,19 @@ def part_torchrun(ctx: Context) -> dict[str, Any]:
     else:
         nprocs, backend = [1, 2], "gloo"
     store = ctx.work / "fs"
-    proc = run_cmd([sys.executable, "-m", "cli.fs", "build", "gratings", "--backbone", "test-cnn", "--limit-per-class",
-                    "4", "--store", str(store), "--device", ctx.device, "--quiet"])
-    if proc.returncode != 0:
-        return {"status": "failed", "reason": "fs build: " + tail_reason(proc)}
+    done = run_child([sys.executable, "-m", "cli.fs", "build", "gratings", "--backbone", "test-cnn", "--limit-per-class",
+                      "4", "--store", str(store), "--device", ctx.device, "--quiet"])
+    if done.returncode != 0:
+        return {"status": "failed", "reason": "fs build: " + tail_reason(done)}
     result: dict[str, Any] = {"nproc_per_node": nprocs, "distill": [], "collectives": []}
     problems = []
     for nproc in nprocs:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
         out = ctx.work / f"out-{nproc}"
-        proc = run_cmd([*torchrun, "-m", "cli.engine", "distill", "--store", str(store), "--backbone", "test-cnn",
-                        "--out", str(out), "--steps", "7", "--augs", "2", "--device", ctx.device, "--quiet"])
-        if proc.returncode != 0:
-            problems.append(f"torchrun --nproc-per-node {nproc} distill " + tail_reason(proc))
+        done = run_child([*torchrun, "-m", "cli.engine", "distill", "--store", str(store), "--backbone", "test-cnn",
+                          "--out", str(out), "--steps", "7", "--augs", "2", "--device", ctx.device, "--quiet"])
+        if done.returncode != 0:
+            problems.append(f"torchrun --nproc-per-node {nproc} distill " + tail_reason(done))
         else:
             config = json.loads((out / CONFIG_FILE).read_text())
             steps = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
@@ -481,11 +474,11 @@ def part_torchrun(ctx: Context) -> dict[str, Any]:
                     "group, by design, so no 'distributed' entry in config.json); the collective smoke test below "
                     f"exercises {backend} itself")
             result["distill"].append(record)
-        proc = run_cmd([*torchrun, "-m", "benchmarks.gpu_check", "--collective-worker", ctx.device])
-        if proc.returncode != 0:
-            problems.append(f"nproc {nproc}: {backend} collective smoke test " + tail_reason(proc))
+        done = run_child([*torchrun, "-m", "benchmarks.gpu_check", "--collective-worker", ctx.device])
+        if done.returncode != 0:
+            problems.append(f"nproc {nproc}: {backend} collective smoke test " + tail_reason(done))
         else:
-            result["collectives"] += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            result["collectives"] += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if problems:
         return {"status": "failed", "reason": one_line("; ".join(problems)), **result}
     return {"status": "passed", **result}
@@ -567,32 +560,14 @@ def run_part(name: str, timeout: float, dry: bool, work: Path) -> dict[str, Any]
     log_path = part_work / "log.txt"
     cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--part", name, "--work", str(part_work),
            "--result", str(result_path)] + (["--dry-run-cpu"] if dry else [])
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-    seconds = round(time.perf_counter() - start, 1)
-    if timed_out:
-        result = {"status": "failed", "reason": f"timed out after {timeout:.0f} s (killed)"}
+    done = run_child(cmd, timeout=timeout, log=log_path)
+    seconds = round(done.seconds, 1)
+    if done.timed_out:
+        result = {"status": "failed", "reason": done.reason()}
     elif result_path.is_file():
         result = json.loads(result_path.read_text())
     else:
-        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        result = {"status": "failed", "reason": one_line(f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}")}
+        result = {"status": "failed", "reason": tail_reason(done)}
     out = {"part": name, "seconds": seconds, "timeout_s": round(timeout), **result}
     if out["status"] != "passed":
         out["log_tail"] = log_path.read_text(errors="replace").splitlines()[-30:]

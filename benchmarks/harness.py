@@ -20,13 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from engine.distill.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
-from engine.distill.outdir import CHECKPOINT_FILE, DISTILLED_FILE
-from featurestore.runtime import is_locked
+# The engine is imported where it is used: `make gpu-check` without CUDA must answer in a moment.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def run_finished(out: Path) -> bool:
     """Whether the run in `out` finished (its distilled set is written)."""
+    from engine.distill.outdir import DISTILLED_FILE
+
     return (out / DISTILLED_FILE).is_file()
 
 
@@ -49,6 +50,9 @@ def distill_unless_done(out: Path, config: dict[str, Any], isolated: bool = Fals
     checkpoint left is removed first, unless a live run holds the folder (distill then refuses, naming it).
     `isolated`: in a child process, so that its peak memory is its own, not the bench's high-water mark, and
     a failure is a RuntimeError with the child's last line. Returns whether it distilled now."""
+    from engine.distill.outdir import CHECKPOINT_FILE
+    from featurestore.runtime import is_locked
+
     if run_finished(out):
         return False
     resume = (out / CHECKPOINT_FILE).is_file()
@@ -94,12 +98,16 @@ class PeakExtraMemory:
         self.base_mb = self.peak_mb = 0.0
 
     def __enter__(self) -> PeakExtraMemory:
+        from engine.distill.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
+
         self.fresh = reset_peak_memory(self.device)
         self.base_mb = current_memory_mb(self.device) if self.fresh else peak_memory_mb(self.device)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        from engine.distill.memory import peak_memory_mb
+
         self.peak_mb = peak_memory_mb(self.device)
 
     @property
@@ -158,21 +166,27 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def run_child(cmd: list[str], timeout: float | None = None, log: Path | None = None,
               env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> ChildRun:
-    """`cmd` in a fresh process in its own session, killed as a group at `timeout` seconds. Its output goes
-    to files, not pipes (a chatty child never blocks); with `log`, stdout and stderr both go there (readable
-    while it runs) and come back as `stdout`; without, they come back apart."""
+    """`cmd` in a fresh process. With a `timeout`, in its own session, killed as a group at `timeout`
+    seconds; without, in the caller's group, so that a group kill of the caller (a timed-out gpu_check
+    part) reaches it too. Its output goes to files, not pipes (a chatty child never blocks); with `log`,
+    stdout and stderr both go there (readable while it runs) and come back as `stdout`; without, they
+    come back apart. Interrupted (Ctrl-C), the child is stopped before the exception goes on."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+", errors="replace") as err_file, \
             (open(log, "w+", errors="replace") if log is not None
              else tempfile.TemporaryFile("w+", errors="replace")) as out_file:
         proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
                                 stdout=out_file, stderr=subprocess.STDOUT if log is not None else err_file,
-                                start_new_session=True)
+                                start_new_session=timeout is not None)
         try:
             returncode: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             returncode = None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         out_file.seek(0)
         err_file.seek(0)
         return ChildRun(returncode, time.perf_counter() - start, out_file.read(), err_file.read(), timeout)
