@@ -43,7 +43,8 @@ from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  #
                                FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
                                machine_line, markdown_table, save_figure, write_results)
 from featurestore.runtime import atomic_write_json  # noqa: E402
-from engine.distill.outdir import CHECKPOINT_FILE, DISTILLED_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
+from benchmarks.harness import distill_unless_done, run_finished  # noqa: E402
+from engine.distill.outdir import IMAGES_DIR, METRICS_FILE  # noqa: E402
 
 DISTILL_BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus")
 HELD_OUT = "opennsfw-resnet50"
@@ -179,28 +180,16 @@ class Bench:
         return self.work / "runs" / run.name
 
     def done(self, run: Run) -> bool:
-        return (self.run_dir(run) / DISTILLED_FILE).is_file()
+        return run_finished(self.run_dir(run))
 
     def distill(self, run: Run) -> dict[str, Any]:
         """One distillation in a child process, so its peak memory is its own (not the bench's high-water
         mark) and a failing run is reported without ending the bench (RuntimeError with its last line)."""
-        import subprocess
-
         out = self.run_dir(run)
         if not self.done(run):
             self.log(f"distill {run.name}: {run.options}")
-            if out.exists() and not (out / CHECKPOINT_FILE).is_file():
-                import shutil
-
-                shutil.rmtree(out)  # a run that died before its first checkpoint: start it again
-            config = {"store": str(self.store_for(run)), "out": str(out), "augs": AUGS, "device": self.device,
-                      "quiet": True, "resume": (out / CHECKPOINT_FILE).is_file(), **run.options}
-            child = subprocess.run([sys.executable, "-c", "import json, sys\nfrom engine.distill import "
-                                    "DistillConfig, distill\ndistill(DistillConfig(**json.loads(sys.argv[1])))",
-                                    json.dumps(config)], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-            if child.returncode != 0:
-                lines = (child.stderr or child.stdout).strip().splitlines()
-                raise RuntimeError(f"exit {child.returncode}: {lines[-1] if lines else 'no output'}")
+            distill_unless_done(out, {"store": str(self.store_for(run)), "augs": AUGS, "device": self.device,
+                                      "quiet": True, **run.options}, isolated=True)
         metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
         steps = [m for m in metrics if "loss" in m]
         return {"path": str(out / IMAGES_DIR), "seconds": steps[-1]["seconds"], "final_loss": steps[-1]["loss"],

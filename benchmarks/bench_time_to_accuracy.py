@@ -38,7 +38,8 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
                                FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
                                machine_line, markdown_table, save_figure, write_results)
-from engine.distill.outdir import CHECKPOINT_FILE, DISTILLED_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
+from benchmarks.harness import distill_unless_done  # noqa: E402
+from engine.distill.outdir import IMAGES_DIR, METRICS_FILE  # noqa: E402
 
 BACKBONE = "efficientnet-lite0"
 IMAGE_SIZE = FASHION_MNIST_IMAGE_SIZE
@@ -54,16 +55,8 @@ END_TO_END = {"real_source": "images", "real_batch": IPC * AUGS * CLASSES}
 
 def run(store: Path, out: Path, steps: int, eval_every: int, device: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     """Distill into `out` unless it is done (continue it from its checkpoint if one is there)."""
-    from engine.distill import DistillConfig, distill
-
-    if not (out / DISTILLED_FILE).is_file():
-        resume = (out / CHECKPOINT_FILE).is_file()
-        if out.exists() and not resume:
-            import shutil
-
-            shutil.rmtree(out)
-        distill(DistillConfig(store=str(store), backbone=BACKBONE, out=str(out), steps=steps, augs=AUGS, ipc=IPC,
-                              eval_every=eval_every, device=device, quiet=True, resume=resume, **options))
+    distill_unless_done(out, dict(store=str(store), backbone=BACKBONE, steps=steps, augs=AUGS, ipc=IPC,
+                                  eval_every=eval_every, device=device, quiet=True, **options))
     return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
 
 

@@ -34,7 +34,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import RESULTS_DIR, fashion_mnist_missing, markdown_table, write_results  # noqa: E402
-from engine.distill.outdir import CHECKPOINT_FILE, DISTILLED_FILE, GRID_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
+from benchmarks.harness import distill_unless_done, run_finished  # noqa: E402
+from engine.distill.outdir import GRID_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
 from featurestore.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 EFFNET, DINOV2, NSFW = "efficientnet-lite0", "dinov2-vits14-imgfocus", "opennsfw-resnet50"
@@ -100,17 +101,14 @@ class Diag:
               views=4, data_root=self.data_root, image_size=IMAGE_SIZE, quiet=True)
 
     def distill(self, name: str) -> Path:
-        from engine.distill import DistillConfig, distill
-
         backbone, steps, options, store, _ = RUNS[name]
         out = self.work / "runs" / name
-        if not (out / DISTILLED_FILE).is_file():
+        if not run_finished(out):
             if store == "views4":
                 self.build_views()
             self.log(f"distill {name}")
-            config = {"store": str(self.stores[store]), "out": str(out), "backbone": [backbone], "steps": steps,
-                      "augs": AUGS, "quiet": True, "resume": (out / CHECKPOINT_FILE).is_file(), **options}
-            distill(DistillConfig(**config))
+            distill_unless_done(out, {"store": str(self.stores[store]), "backbone": [backbone], "steps": steps,
+                                      "augs": AUGS, "quiet": True, **options})
         return out
 
     def baseline(self, kind: str, backbone: str) -> Path:

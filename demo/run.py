@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.distill.outdir import (CHECKPOINT_FILE, CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGES_DIR,
-                                    LOSS_PLOT_FILE, METRICS_FILE)
+from engine.distill.outdir import CONFIG_FILE, GRID_FILE, IMAGES_DIR, LOSS_PLOT_FILE, METRICS_FILE
 
 DEMO_DIR = Path(__file__).resolve().parent
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -143,8 +142,9 @@ class StageTimes:
 
 def run_demo(args: argparse.Namespace) -> Path:
     t0 = time.time()  # the invocation's wall time counts the imports (torch: seconds on a busy machine)
+    from benchmarks.harness import distill_unless_done
     from engine.baselines import make_baseline
-    from engine.distill import DistillConfig, distill
+    from engine.distill import DistillConfig
     from engine.evaluate import EvalConfig, evaluate, write_eval_outputs
     from featurestore.build import build
     from featurestore.errors import StoreError, UserError
@@ -194,12 +194,10 @@ def run_demo(args: argparse.Namespace) -> Path:
         options = dict(method=method, steps=args.steps, augs=args.augs)
         if curve_every:
             options["eval_every"] = curve_every
-        cfg = DistillConfig(store=str(store), backbone=list(backbones), out=str(out),
-                            resume=(out / CHECKPOINT_FILE).is_file(), device=args.device, **options)
-        computed = not (out / DISTILLED_FILE).is_file()
-        if computed:
-            distill(cfg)
-        else:  # a finished run is reused only if it is the run asked for (--steps, --augs, mode)
+        config = dict(store=str(store), backbone=list(backbones), device=args.device, **options)
+        computed = distill_unless_done(out, config)
+        if not computed:  # a finished run is reused only if it is the run asked for (--steps, --augs, mode)
+            cfg = DistillConfig(out=str(out), **config)
             done = json.loads((out / CONFIG_FILE).read_text()).get("arguments", {})
             differing = [f"--{k.replace('_', '-')} {done.get(k)} there, {getattr(cfg, k)} asked"
                          for k in ("method", "backbone", "steps", "augs", "eval_every")

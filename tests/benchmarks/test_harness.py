@@ -56,3 +56,14 @@ def test_distill_unless_done_starts_afresh_resumes_from_a_checkpoint_or_leaves_a
     assert distill_unless_done(fresh, config) and distill_unless_done(resumed, config)
     assert not distill_unless_done(finished, config) and run_finished(finished)
     assert calls == [(False, None), (True, [CHECKPOINT_FILE])]
+
+
+def test_an_isolated_distillation_runs_in_a_child_and_its_failure_is_one_line(make_gratings_store, tmp_path):
+    import pytest
+
+    store = make_gratings_store()
+    config = {"store": str(store), "backbone": "test-cnn", "steps": 2, "ipc": 1, "augs": 1, "quiet": True,
+              "device": "cpu"}
+    assert distill_unless_done(tmp_path / "run", config, isolated=True) and run_finished(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="^exit 1: .*"):
+        distill_unless_done(tmp_path / "bad", {**config, "backbone": "no-such-backbone"}, isolated=True)
