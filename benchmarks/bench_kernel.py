@@ -34,13 +34,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a file, not only as `python -m benchmarks.bench_kernel`
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.common import RESULTS_DIR, markdown_table, write_results  # noqa: E402
-from benchmarks.harness import PeakExtraMemory, mmap_large_blocks, run_child  # noqa: E402
-from engine.kernels import linear_ce_grad, linear_ce_grad_op  # noqa: E402
+from benchmarks.common import RESULTS_DIR, markdown_table, write_results
+from benchmarks.harness import PeakExtraMemory, mmap_large_blocks, run_child
+from engine.kernels import linear_ce_grad, linear_ce_grad_op
 
 METHODS = ("dispatch", "blocked", "naive", "autograd")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

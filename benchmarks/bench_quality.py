@@ -35,16 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
-                               FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
+from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE, FASHION_MNIST_TRAIN_PER_CLASS,
+                               RESULTS_DIR, WORK_DIR, fashion_mnist_store,
                                machine_line, markdown_table, save_figure, write_results)
-from featurestore.runtime import atomic_write_json  # noqa: E402
-from benchmarks.harness import distill_unless_done, run_finished  # noqa: E402
-from engine.distill.outdir import IMAGES_DIR, METRICS_FILE  # noqa: E402
+from benchmarks.harness import distill_unless_done, fashion_mnist_refused, run_finished
+from engine.distill.outdir import IMAGES_DIR, METRICS_FILE
+from featurestore.runtime import atomic_write_json
 
 DISTILL_BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus")
 HELD_OUT = "opennsfw-resnet50"
@@ -517,7 +513,7 @@ def write_all(payload: dict[str, Any], args: argparse.Namespace, out_dir: Path) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a subset (efficientnet-lite0, 200/400 steps)")
-    parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "quality",
+    parser.add_argument("--work", type=Path, default=WORK_DIR / "quality",
                         help="cached stores, runs and evaluations (reused by a rerun)")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     parser.add_argument("--device", default="auto")
@@ -528,9 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the results list the runs not made (a rerun continues them)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    missing = fashion_mnist_missing(args.data_root)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    if fashion_mnist_refused(args.data_root):
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     payload = run_bench(args)

@@ -31,15 +31,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE,  # noqa: E402
-                               FASHION_MNIST_TRAIN_PER_CLASS, RESULTS_DIR, fashion_mnist_missing, fashion_mnist_store,
+from benchmarks.common import (FASHION_MNIST_IMAGE_SIZE, FASHION_MNIST_STORE, FASHION_MNIST_TRAIN_PER_CLASS,
+                               RESULTS_DIR, WORK_DIR, fashion_mnist_store,
                                machine_line, markdown_table, save_figure, write_results)
-from benchmarks.harness import distill_unless_done  # noqa: E402
-from engine.distill.outdir import IMAGES_DIR, METRICS_FILE  # noqa: E402
+from benchmarks.harness import distill_unless_done, fashion_mnist_refused
+from engine.distill.outdir import IMAGES_DIR, METRICS_FILE
 
 BACKBONE = "efficientnet-lite0"
 IMAGE_SIZE = FASHION_MNIST_IMAGE_SIZE
@@ -128,16 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authors-steps", type=int, nargs="*", default=[2000])
     parser.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100, 200, 400])
     parser.add_argument("--eval-every", type=int, default=100, help="cheap probe of the references every K steps")
-    parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "time_to_accuracy")
+    parser.add_argument("--work", type=Path, default=WORK_DIR / "time_to_accuracy")
     parser.add_argument("--store", type=Path, default=FASHION_MNIST_STORE, help="the Fashion-MNIST store (built or "
                         "completed for the backbone if needed; shared with bench_quality)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    missing = fashion_mnist_missing(args.data_root)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    if fashion_mnist_refused(args.data_root):
         return 2
     fashion_mnist_store([BACKBONE], args.store, args.data_root, args.device)
     args.work.mkdir(parents=True, exist_ok=True)

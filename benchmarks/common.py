@@ -14,6 +14,7 @@ import torch
 from featurestore.runtime import atomic_write_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+WORK_DIR = Path(__file__).resolve().parent / "work"  # the benches' stores and runs, kept between reruns
 
 
 def cpu_model() -> str:
@@ -77,7 +78,7 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Pa
 
 # The Fashion-MNIST store the quality benchmarks share (built once, reused by every rerun): 500 train
 # images per class, the whole 10k test split, 112 px.
-FASHION_MNIST_STORE = Path(__file__).resolve().parent / "work" / "fashion-mnist-112"
+FASHION_MNIST_STORE = WORK_DIR / "fashion-mnist-112"
 FASHION_MNIST_TRAIN_PER_CLASS = 500
 FASHION_MNIST_IMAGE_SIZE = 112
 

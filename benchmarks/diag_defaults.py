@@ -29,14 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.common import RESULTS_DIR, fashion_mnist_missing, markdown_table, write_results  # noqa: E402
-from benchmarks.harness import distill_unless_done, run_finished  # noqa: E402
-from engine.distill.outdir import GRID_FILE, IMAGES_DIR, METRICS_FILE  # noqa: E402
-from featurestore.runtime import atomic_write_bytes, atomic_write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, WORK_DIR, markdown_table, write_results
+from benchmarks.harness import distill_unless_done, fashion_mnist_refused, run_finished
+from engine.distill.outdir import GRID_FILE, IMAGES_DIR, METRICS_FILE
+from featurestore.runtime import atomic_write_bytes, atomic_write_json
 
 EFFNET, DINOV2, NSFW = "efficientnet-lite0", "dinov2-vits14-imgfocus", "opennsfw-resnet50"
 EVAL_BACKBONES = (EFFNET, DINOV2, NSFW)
@@ -168,15 +164,13 @@ def pixel_stats(folder: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "diag_defaults")
+    parser.add_argument("--work", type=Path, default=WORK_DIR / "diag_defaults")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these runs (see RUNS)")
     parser.add_argument("--whole-val", action="store_true", help="also evaluate the target sets (TARGETS) on the "
                         "whole test split (builds its features for the three backbones: ~25 min on 2 cores)")
     args = parser.parse_args(argv)
-    missing = fashion_mnist_missing(args.data_root)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    if fashion_mnist_refused(args.data_root):
         return 2
     diag = Diag(args.work, args.data_root)
     diag.build_stores()

@@ -32,14 +32,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import fashion_mnist_missing, markdown_table, write_results  # noqa: E402
+from benchmarks.common import WORK_DIR, markdown_table, write_results
+from benchmarks.harness import fashion_mnist_refused
 
 BACKBONES = ("efficientnet-lite0", "dinov2-vits14-imgfocus", "opennsfw-resnet50")
 VIT = "dinov2-vits14-imgfocus"
@@ -161,15 +158,13 @@ def set_pixels(folder: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=REPO_ROOT / "benchmarks" / "work" / "diag_defaults",
+    parser.add_argument("--work", type=Path, default=WORK_DIR / "diag_defaults",
                         help="diag_defaults' work folder: its store, and the stores and baselines made here")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--resolution", type=int, action="append", default=[], help="also 224: DINOv2 headroom there")
     parser.add_argument("--set", action="append", default=[], help="NAME=DIR: pixel statistics of an image set")
     args = parser.parse_args(argv)
-    missing = fashion_mnist_missing(args.data_root)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    if fashion_mnist_refused(args.data_root):
         return 2
     from benchmarks.diag_defaults import Diag
 

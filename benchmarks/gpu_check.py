@@ -49,11 +49,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.harness import ChildRun, run_child  # noqa: E402
+from benchmarks.harness import ChildRun, run_child
 
 TOTAL_BUDGET_S = 470          # the whole check must end within 8 minutes
 # name -> (timeout in seconds on a GPU, what it checks)
