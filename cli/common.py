@@ -29,6 +29,7 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        failed = True
         try:
             with warnings.catch_warnings():  # restores showwarning afterwards
                 original = warnings.showwarning
@@ -41,7 +42,9 @@ def user_errors(fn: F) -> F:
 
                 warnings.showwarning = show
                 with command_signals():
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
+                    failed = False
+                    return result
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
@@ -51,6 +54,6 @@ def user_errors(fn: F) -> F:
         finally:
             # zarr's own exit handler closes its IO loop after waiting only 0.2 s for the thread, which
             # prints a traceback after our last line on a loaded machine (issue 20, defect 4).
-            stop_zarr_io_thread()
+            stop_zarr_io_thread(after_error=failed)
 
     return wrapper  # type: ignore[return-value]

@@ -198,14 +198,24 @@ def tool_version() -> str:
             return "unknown"
 
 
-def stop_zarr_io_thread(timeout: float = 30.0) -> None:
+def _drop_abandoned_writes(loop, context: dict) -> None:
+    """After a failed command, the other writes of zarr's batch end with errors nobody awaits (a full disk:
+    the next write of a file its failed sibling left behind raises FileExistsError): asyncio would print
+    each as 'Future exception was never retrieved' with a traceback, after the command's one line. The
+    first failure is the one reported; these are its echoes."""
+    if context.get("message") not in ("Future exception was never retrieved", "Task exception was never retrieved"):
+        loop.default_exception_handler(context)
+
+
+def stop_zarr_io_thread(timeout: float = 30.0, after_error: bool = False) -> None:
     """Stop zarr's IO event loop now, waiting up to `timeout` seconds for its thread.
 
     zarr stops that loop in an atexit handler that waits only 0.2 s for the thread and then closes the
     loop anyway: on a loaded machine (or right after a failed write, e.g. a full disk) the thread is
     often not scheduled in time, and `Cannot close a running event loop` is printed as a traceback
     after the command's own last line. Stopping it here, patiently, leaves that handler nothing to do.
-    A later zarr call starts a new loop, so this is safe to call after every command."""
+    A later zarr call starts a new loop, so this is safe to call after every command. `after_error`: the
+    command failed; its abandoned writes stay silent (`_drop_abandoned_writes`)."""
     sync = sys.modules.get("zarr.core.sync")
     if sync is None:
         return  # zarr was never imported: no loop
@@ -215,6 +225,8 @@ def stop_zarr_io_thread(timeout: float = 30.0) -> None:
             return
         sync.loop[0] = None
         sync.iothread[0] = None
+    if after_error:  # also for futures collected later, on the closed loop, at exit
+        loop.set_exception_handler(_drop_abandoned_writes)
     if loop.is_closed():
         return
     loop.call_soon_threadsafe(loop.stop)
