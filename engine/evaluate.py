@@ -29,15 +29,15 @@ lr = 5e-4), as the authors' full-dataset row (src/config/full_dataset_config.py:
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from engine.distill.outdir import CONFIG_FILE, IMAGES_DIR
+from engine.eval_results import (  # noqa: F401 (re-exported: engine.evaluate is the evaluation's entry point)
+    FULL_ROW, UNSEEN_COLUMN, CellResult, EvalResult, check_eval_out, write_eval_outputs)
 from engine.imagesets import EVAL_AUGMENT, RUN_MARKERS, embed_views, read_image_set, resolve_image_dir
 from engine.probe import MAX_BATCH, ProbeRecipe, probes_accuracy, train_probes
 from featurestore.augment import resize
@@ -45,13 +45,11 @@ from featurestore.backbones import Backbone
 from featurestore.errors import UserError
 from featurestore.options import option
 from featurestore.progress import progress
-from featurestore.runtime import atomic_write_bytes, atomic_write_json, pick_device, require_writable, write_errors
+from featurestore.runtime import pick_device
 from featurestore.store import open_store
 
 DEFAULT_VIEWS = 100
 FULL_BATCH = 128  # full-data probe: the authors' batch_size_per_gpu on one GPU (src/config/full_dataset_config.py)
-FULL_ROW = "full"
-UNSEEN_COLUMN = "mean over unseen backbones"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,144 +99,6 @@ def set_sources(path: str | os.PathLike) -> list[str]:
                             f"to evaluate the set as a plain image folder")
         return [str(name) for name in names]
     return []
-
-
-# ----------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class CellResult:
-    """One (image set, backbone) cell: per-seed accuracies in percent."""
-
-    seeds: list[int]
-    top1: list[float]
-    top5: list[float]
-    num_images: int
-
-    @property
-    def top1_mean(self) -> float:
-        return float(np.mean(self.top1))
-
-    @property
-    def top1_std(self) -> float:
-        return float(np.std(self.top1))
-
-    @property
-    def top5_mean(self) -> float:
-        return float(np.mean(self.top5))
-
-    @property
-    def top5_std(self) -> float:
-        return float(np.std(self.top5))
-
-    def to_json(self) -> dict:
-        return {"seeds": self.seeds, "top1": self.top1, "top5": self.top5, "num_images": self.num_images,
-                "top1_mean": self.top1_mean, "top1_std": self.top1_std,
-                "top5_mean": self.top5_mean, "top5_std": self.top5_std}
-
-
-def _md_text(text: str) -> str:
-    """Control characters (a newline in a folder name) as \\xNN: one table row or list item per line."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def _md_cell(text: str) -> str:
-    """A markdown table cell: control characters escaped, '|' escaped."""
-    return _md_text(text).replace("|", "\\|")
-
-
-@dataclass
-class EvalResult:
-    """rows[set name][backbone] -> CellResult; `config` records everything needed to reproduce."""
-
-    backbones: list[str]
-    rows: dict[str, dict[str, CellResult]] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    # The backbones each set was made with (distilled on, or ranked by for centroid/neighbors baselines);
-    # the others are "unseen" for it. Unknown sets (a plain folder) and random real images: none.
-    sources: dict[str, list[str]] = field(default_factory=dict)
-
-    def unseen_mean(self, row: str, metric: str = "top1") -> float | None:
-        """Mean over the evaluation backbones the set was not made with (None: no such cell)."""
-        if row == FULL_ROW or len(self.backbones) < 2:
-            return None
-        seen = set(self.sources.get(row, []))
-        cells = [cell for b, cell in self.rows.get(row, {}).items() if b not in seen]
-        if not cells:
-            return None
-        return float(np.mean([c.top1_mean if metric == "top1" else c.top5_mean for c in cells]))
-
-    def cell_text(self, row: str, backbone: str, metric: str = "top1") -> str:
-        cell = self.rows.get(row, {}).get(backbone)
-        if cell is None:
-            return "-"
-        mean, std = (cell.top1_mean, cell.top1_std) if metric == "top1" else (cell.top5_mean, cell.top5_std)
-        return f"{mean:.1f} ± {std:.1f}"
-
-    def table(self, metric: str = "top1") -> tuple[list[str], list[list[str]]]:
-        """(header, rows) of the table: rows are image sets, columns backbones, cells 'mean ± std'; with
-        several backbones a last column, the mean over the backbones each set was not made with."""
-        header = ["set"] + self.backbones
-        cross = len(self.backbones) > 1
-        if cross:
-            header.append(UNSEEN_COLUMN)
-        rows = []
-        for row in self.rows:
-            cells = [row] + [self.cell_text(row, b, metric) for b in self.backbones]
-            if cross:
-                unseen = self.unseen_mean(row, metric)
-                cells.append("-" if unseen is None else f"{unseen:.1f}")
-            rows.append(cells)
-        return header, rows
-
-    def to_markdown(self) -> str:
-        parts = []
-        for metric in ("top1", "top5"):
-            header, rows = self.table(metric)
-            lines = [f"### {metric.replace('top', 'top-')} accuracy (%), mean ± std over seeds", "",
-                     "| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
-            parts.append("\n".join(lines))
-        cfg = self.config
-        notes = [f"- store: `{cfg.get('store')}` ({cfg.get('dataset')}, {cfg.get('num_classes')} classes)",
-                 f"- seeds: {cfg.get('seeds')}; probe: {cfg.get('protocol')}"]
-        for name, path in cfg.get("image_sets", {}).items():
-            made = ", ".join(self.sources.get(name, [])) or "no backbone (or unknown)"
-            notes.append(f"- `{_md_text(name)}`: `{_md_text(str(path))}` ({cfg.get('images_per_set', {}).get(name)} "
-                         f"images; made with {made})")
-        if len(self.backbones) > 1:
-            notes.append(f"- `{UNSEEN_COLUMN}`: mean top-1 over the evaluation backbones a set was not made with")
-        if cfg.get("full"):
-            full = cfg["full"]
-            notes.append(f"- `{FULL_ROW}`: probe on all stored train features (view 0), bs {full['batch_size']}, "
-                         f"{full['epochs']} epochs, same optimizer")
-        return "# Linear-probe evaluation\n\n" + "\n\n".join(parts) + "\n\n" + "\n".join(notes) + "\n"
-
-    def to_json(self) -> dict:
-        return {"backbones": self.backbones, "config": self.config, "sources": self.sources,
-                "results": {row: {b: cell.to_json() for b, cell in cells.items()} for row, cells in self.rows.items()},
-                "mean_over_unseen_backbones": {row: self.unseen_mean(row) for row in self.rows}}
-
-
-def write_eval_outputs(result: EvalResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `eval.json` (everything) and `eval.md` (the tables) atomically; returns their paths."""
-    out = check_eval_out(out_dir)
-    json_path, md_path = out / "eval.json", out / "eval.md"
-    with write_errors(f"the evaluation to {out}", "rerun with another --out (the table above is the result)"):
-        atomic_write_json(json_path, result.to_json())
-        atomic_write_bytes(md_path, result.to_markdown().encode())
-    return json_path, md_path
-
-
-def check_eval_out(out_dir: str | os.PathLike) -> Path:
-    """Refuse (one line) an --out that is a file or cannot be written: checked before the evaluation, so a
-    bad --out costs a second, not the evaluation's minutes."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory; choose another path")
-    require_writable(out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,14 +206,34 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
     """Evaluate image sets (name -> ImageFolder dir) on each backbone; `options`: the fields of
     `EvalConfig` (`full` adds the full-data row; `views` cached augmented views per image and seed)."""
     cfg = EvalConfig(**options)
-    seeds, epochs, views, full, full_epochs, device, quiet = (cfg.seeds, cfg.epochs, cfg.views, cfg.full,
-                                                              cfg.full_epochs, cfg.device, cfg.quiet)
     store = open_store(store)
     if not backbones:
         raise UserError("give at least one --backbone to evaluate on")
-    if not image_sets and not full:
+    if not image_sets and not cfg.full:
         raise UserError("nothing to evaluate: give --images DIR (one or more) and/or --full")
-    dev = pick_device(device) if isinstance(device, str) else device
+    dev = pick_device(cfg.device) if isinstance(cfg.device, str) else cfg.device
+    seed_list, n_views, recipe = _checked_protocol(cfg)
+    # Validate everything before the long work: every backbone has usable train/val rows, every set reads.
+    _check_splits(store, backbones, cfg.full)
+    # The sets' records too: a malformed one would otherwise fail only when the table is written.
+    sources = {name: set_sources(path) for name, path in image_sets.items()}
+    loaded = {name: read_image_set(path, store.class_names) for name, path in image_sets.items()}
+
+    result = EvalResult(backbones=list(backbones))
+    result.config = _result_config(store, image_sets, backbones, loaded, cfg, seed_list, n_views, recipe, dev)
+    for name, path in image_sets.items():
+        result.rows[name] = {}
+        result.sources[name] = sources[name]
+    if cfg.full:
+        result.rows[FULL_ROW] = {}
+    for b in backbones:
+        _evaluate_backbone(result, store, b, loaded, cfg, seed_list, n_views, recipe, dev)
+    return result
+
+
+def _checked_protocol(cfg: EvalConfig) -> tuple[list[int], int, ProbeRecipe]:
+    """The seeds, the number of cached views and the probe recipe of `cfg`, each option checked (one line)."""
+    seeds, epochs, views, full, full_epochs = cfg.seeds, cfg.epochs, cfg.views, cfg.full, cfg.full_epochs
     seed_list = _seed_list(seeds)
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
@@ -368,52 +248,53 @@ def evaluate(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequ
     n_views = min(epochs, DEFAULT_VIEWS) if views is None else max(1, min(views, epochs))
     if cfg.probe_init not in ("normal", "uniform"):
         raise UserError(f"--probe-init must be normal or uniform, got {cfg.probe_init!r}")
-    recipe = ProbeRecipe(epochs=epochs, init=cfg.probe_init)
-    # Validate everything before the long work: every backbone has usable train/val rows, every set reads.
+    return seed_list, n_views, ProbeRecipe(epochs=epochs, init=cfg.probe_init)
+
+
+def _check_splits(store, backbones: Sequence[str], full: bool) -> None:
+    """Refuse (one line) a backbone whose val split (and train split, with --full) has no usable rows."""
     for b in backbones:
         for name in ("val", "train") if full else ("val",):
             split = store.split(b, name)
             if split.num_valid == 0:
                 raise UserError(f"{split.backbone}/{name} of {store.path} has no usable rows (every sample was "
                                 f"skipped): nothing to {'test on' if name == 'val' else 'train the full probe on'}")
-    # The sets' records too: a malformed one would otherwise fail only when the table is written.
-    sources = {name: set_sources(path) for name, path in image_sets.items()}
-    loaded = {name: read_image_set(path, store.class_names) for name, path in image_sets.items()}
 
-    result = EvalResult(backbones=list(backbones))
-    result.config = {
+
+def _result_config(store, image_sets: Mapping[str, str | os.PathLike], backbones: Sequence[str], loaded: dict,
+                   cfg: EvalConfig, seed_list: list[int], n_views: int, recipe: ProbeRecipe, dev) -> dict:
+    """The `config` of an evaluation's result: everything needed to reproduce it."""
+    return {
         "store": str(getattr(store, "path", "")), "dataset": store.dataset, "num_classes": store.num_classes,
         "class_names": list(store.class_names), "backbones": list(backbones), "seeds": seed_list,
         "image_sets": {name: str(Path(path)) for name, path in image_sets.items()},
         "images_per_set": {name: int(s.labels.shape[0]) for name, s in loaded.items()},
-        "epochs": epochs, "views": n_views, "base_lr": recipe.base_lr, "max_batch": MAX_BATCH,
+        "epochs": cfg.epochs, "views": n_views, "base_lr": recipe.base_lr, "max_batch": MAX_BATCH,
         "augment": EVAL_AUGMENT.to_json(), "protocol": _recipe_text(recipe, n_views),
-        "full": {"epochs": full_epochs, "batch_size": FULL_BATCH, "features": "stored train view 0"} if full else None,
+        "full": ({"epochs": cfg.full_epochs, "batch_size": FULL_BATCH, "features": "stored train view 0"}
+                 if cfg.full else None),
         "device": str(dev),
     }
-    for name, path in image_sets.items():
-        result.rows[name] = {}
-        result.sources[name] = sources[name]
-    if full:
-        result.rows[FULL_ROW] = {}
 
-    for b in backbones:
-        val_split = store.split(b, "val")
-        result.config.setdefault("backbone_splits", {})[b] = {
-            "image_size": val_split.image_size, "resize_size": val_split.resize_size,
-            "fingerprint": val_split.fingerprint}
-        if loaded:
-            val = val_split.load(view=0, device=dev)
-            model = val_split.open_backbone(dev)
-            for name, image_set in loaded.items():
-                images = resize(image_set.images, model.resize_size)
-                result.rows[name][b] = _evaluate_set(model, images, image_set.labels, val, store.num_classes,
-                                                     seed_list, n_views, recipe, f"{name} on {b}", quiet)
-            del model
-        if full:
-            result.rows[FULL_ROW][b] = evaluate_full(store, b, epochs=full_epochs, seeds=seed_list, device=dev,
-                                                     quiet=quiet, probe_init=cfg.probe_init)
-    return result
+
+def _evaluate_backbone(result: EvalResult, store, b: str, loaded: dict, cfg: EvalConfig, seed_list: list[int],
+                       n_views: int, recipe: ProbeRecipe, dev) -> None:
+    """Fill backbone `b`'s column of `result`: every loaded set, then the full-data row with --full."""
+    val_split = store.split(b, "val")
+    result.config.setdefault("backbone_splits", {})[b] = {
+        "image_size": val_split.image_size, "resize_size": val_split.resize_size,
+        "fingerprint": val_split.fingerprint}
+    if loaded:
+        val = val_split.load(view=0, device=dev)
+        model = val_split.open_backbone(dev)
+        for name, image_set in loaded.items():
+            images = resize(image_set.images, model.resize_size)
+            result.rows[name][b] = _evaluate_set(model, images, image_set.labels, val, store.num_classes,
+                                                 seed_list, n_views, recipe, f"{name} on {b}", cfg.quiet)
+        del model
+    if cfg.full:
+        result.rows[FULL_ROW][b] = evaluate_full(store, b, epochs=cfg.full_epochs, seeds=seed_list, device=dev,
+                                                 quiet=cfg.quiet, probe_init=cfg.probe_init)
 
 
 def default_out_dir(image_dirs: Sequence[str | os.PathLike]) -> Path:
