@@ -140,13 +140,35 @@ class BaselineConfig:
 def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **options: Any) -> dict:
     """Build a baseline image set in `out` (`options`: the fields of `BaselineConfig`); returns the content
     of `baseline.json`."""
-    from engine.imagesets import embed_views, read_image_set
     from engine.imagefolder import class_folder_names
-    from featurestore.datasets import canonical_image
 
     cfg = BaselineConfig(**options)
-    ipc, seed, images, device, quiet = cfg.ipc, cfg.seed, cfg.images, cfg.device, cfg.quiet
+    _check_options(kind, cfg)
+    out = require_new_dir(out)
+    require_writable(out)
+    store = open_store(store)
+    split = store.split(backbone, "train")
+    if split.num_valid == 0:
+        raise StoreError(f"{split.backbone}/train of {store.path} has no usable rows (every sample was skipped): "
+                         f"no real image to pick")
+    data = split.load(view=0)
 
+    record: dict = {"kind": kind, "store": str(store.path), "dataset": store.dataset, "backbone": split.backbone,
+                    "split": "train", "fingerprint": split.fingerprint, "resize_size": split.resize_size,
+                    "class_names": store.class_names, "class_folders": class_folder_names(store.class_names)}
+    picks = _pick(kind, cfg, store, split, data, record)
+    tensors, out_labels, per_class = _load_picks(kind, store, split, data.rows.numpy(), picks, cfg.quiet)
+    record["num_images"] = len(tensors)
+    record["picks"] = per_class
+
+    with write_errors(f"the baseline to {out}", "rerun the same command (nothing was left in --out)"):
+        _write_baseline(out, tensors, out_labels, store.class_names, record)
+    return record
+
+
+def _check_options(kind: str, cfg: BaselineConfig) -> None:
+    """Refuse (one line) an unknown kind, --images with the wrong kind, an --ipc or --seed out of range."""
+    ipc, seed, images = cfg.ipc, cfg.seed, cfg.images
     if kind not in BASELINE_KINDS:
         raise UserError(f"unknown baseline kind '{kind}': choose one of {', '.join(BASELINE_KINDS)}")
     if kind == "neighbors" and images is None:
@@ -160,40 +182,41 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
         raise UserError(f"--ipc must be at most {2**31 - 1}, got {ipc}")
     if not 0 <= seed <= 2**63 - 1:  # a generator's seed
         raise UserError(f"--seed must be in 0..{2**63 - 1}, got {seed}")
-    out = require_new_dir(out)
-    require_writable(out)
-    store = open_store(store)
-    split = store.split(backbone, "train")
-    if split.num_valid == 0:
-        raise StoreError(f"{split.backbone}/train of {store.path} has no usable rows (every sample was skipped): "
-                         f"no real image to pick")
-    num_classes = store.num_classes
-    data = split.load(view=0)
-    labels = data.labels.numpy()
-    rows = data.rows.numpy()
 
-    record: dict = {"kind": kind, "store": str(store.path), "dataset": store.dataset, "backbone": split.backbone,
-                    "split": "train", "fingerprint": split.fingerprint, "resize_size": split.resize_size,
-                    "class_names": store.class_names, "class_folders": class_folder_names(store.class_names)}
-    # Each pick: (class, position into `data`, extra fields for baseline.json)
+
+def _pick(kind: str, cfg: BaselineConfig, store, split, data, record: dict) -> list[tuple[int, int, dict]]:
+    """The baseline's picks: (class, position into `data`, extra fields for baseline.json); adds the
+    kind's fields to `record`."""
+    from engine.imagesets import embed_views, read_image_set
+
+    num_classes = store.num_classes
+    labels = data.labels.numpy()
     picks: list[tuple[int, int, dict]] = []
     if kind == "random":
-        record.update(ipc=ipc, seed=seed)
-        for c, pos in pick_random(labels, num_classes, ipc, seed).items():
+        record.update(ipc=cfg.ipc, seed=cfg.seed)
+        for c, pos in pick_random(labels, num_classes, cfg.ipc, cfg.seed).items():
             picks += [(c, int(p), {}) for p in pos]
     elif kind == "centroid":
-        record.update(ipc=ipc, distance="squared L2 to the class mean of the stored view-0 features")
-        for c, (pos, dist) in pick_centroid(data.features.numpy(), labels, num_classes, ipc).items():
+        record.update(ipc=cfg.ipc, distance="squared L2 to the class mean of the stored view-0 features")
+        for c, (pos, dist) in pick_centroid(data.features.numpy(), labels, num_classes, cfg.ipc).items():
             picks += [(c, int(p), {"distance": float(d)}) for p, d in zip(pos, dist)]
     else:
-        image_set = read_image_set(images, store.class_names)
+        image_set = read_image_set(cfg.images, store.class_names)
         record.update(images=str(image_set.path), similarity="cosine of view-0 (centre crop) embeddings")
-        model = split.open_backbone(pick_device(device))
+        model = split.open_backbone(pick_device(cfg.device))
         queries = embed_views(model, resize(image_set.images, model.resize_size), 1, None)[0].cpu().numpy()
         query_labels = image_set.labels.numpy()
         pos, cos = pick_neighbors(data.features.numpy(), labels, queries, query_labels)
         picks += [(int(c), int(p), {"query": k, "cosine": float(s)})
                   for k, (c, p, s) in enumerate(zip(query_labels, pos, cos))]
+    return picks
+
+
+def _load_picks(kind: str, store, split, rows: np.ndarray, picks: list[tuple[int, int, dict]],
+                quiet: bool) -> tuple[list[torch.Tensor], list[int], dict[str, list[dict]]]:
+    """The picked images (canonical, at the split's resize size), their labels, and baseline.json's
+    per-class records of the picks."""
+    from featurestore.datasets import canonical_image
 
     sample_ids = split.sample_ids()
     # Real pixels are found in the source by sample id, never by position.
@@ -208,12 +231,7 @@ def make_baseline(store, backbone: str, kind: str, out: str | os.PathLike, **opt
         out_labels.append(c)
         per_class[store.class_names[c]].append({"sample_id": sample_ids[row], "row": row, **extra})
     bar.close()
-    record["num_images"] = len(tensors)
-    record["picks"] = per_class
-
-    with write_errors(f"the baseline to {out}", "rerun the same command (nothing was left in --out)"):
-        _write_baseline(out, tensors, out_labels, store.class_names, record)
-    return record
+    return tensors, out_labels, per_class
 
 
 def _write_baseline(out: Path, tensors: list[torch.Tensor], out_labels: list[int], class_names: list[str],

@@ -153,34 +153,8 @@ def read_imagefolder(directory: str | os.PathLike, class_names: Sequence[str] | 
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_names is None:
-        names = [p.name for p in folders]
-        index = {p.name: i for i, p in enumerate(folders)}
-    else:
-        names = list(class_names)
-        index = {}
-        for i, (name, folder) in enumerate(zip(names, class_folder_names(names))):
-            index[folder] = i
-            index.setdefault(name, i)
-        unknown = [p.name for p in folders if p.name not in index]
-        if unknown:
-            expected = ", ".join(class_folder_names(names)[:12]) + (", ..." if len(names) > 12 else "")
-            raise UserError(f"{root}: folder(s) {', '.join(unknown[:5])} are not classes of this dataset "
-                            f"(expected folder names: {expected})")
-    files: list[tuple[Path, int, tuple[int, int]]] = []  # (path, label, (width, height))
-    for folder in folders:
-        listed = _image_files(folder)
-        if not listed:
-            raise UserError(f"{root}: class folder {folder.name} holds no images: remove it or add its images")
-        for path in listed:
-            try:
-                dims = read_image_size(path)
-            except Exception as exc:  # noqa: BLE001 - CorruptImageError and OS errors alike
-                raise UserError(f"cannot read image {path}: {getattr(exc, 'reason', exc)}") from None
-            if dims[0] * dims[1] > MAX_SET_IMAGE_PIXELS:
-                raise UserError(f"{path}: {dims[0]}x{dims[1]} pixels, more than the {MAX_SET_IMAGE_PIXELS} "
-                                f"(4096x4096) an image of a set may have: resize it")
-            files.append((path, index[folder.name], dims))
+    names, index = _class_index(root, folders, class_names)
+    files = _listed_images(root, folders, index)
     if files:
         _check_set_memory(files, size, _set_bytes_limit() if max_bytes is None else max_bytes)
     pils = []
@@ -200,6 +174,46 @@ def read_imagefolder(directory: str | os.PathLike, class_names: Sequence[str] | 
         target = size or max(min(p.size) for p in pils)
         images = torch.stack([canonical_image(p, target) for p in pils])
     return images, torch.tensor(labels, dtype=torch.int64), names
+
+
+def _class_index(root: Path, folders: list[Path],
+                 class_names: Sequence[str] | None) -> tuple[list[str], dict[str, int]]:
+    """(class names, folder name -> class): the sorted folders without class_names; with them, a class's
+    folder (or its raw name), any other folder a UserError naming the expected folders."""
+    if class_names is None:
+        return [p.name for p in folders], {p.name: i for i, p in enumerate(folders)}
+    names = list(class_names)
+    index: dict[str, int] = {}
+    for i, (name, folder) in enumerate(zip(names, class_folder_names(names))):
+        index[folder] = i
+        index.setdefault(name, i)
+    unknown = [p.name for p in folders if p.name not in index]
+    if unknown:
+        expected = ", ".join(class_folder_names(names)[:12]) + (", ..." if len(names) > 12 else "")
+        raise UserError(f"{root}: folder(s) {', '.join(unknown[:5])} are not classes of this dataset "
+                        f"(expected folder names: {expected})")
+    return names, index
+
+
+def _listed_images(root: Path, folders: list[Path],
+                   index: dict[str, int]) -> list[tuple[Path, int, tuple[int, int]]]:
+    """(path, label, (width, height)) of every image, sizes from the headers (no pixel decoded); an empty
+    class folder, an unreadable header or an image over MAX_SET_IMAGE_PIXELS is a UserError."""
+    files: list[tuple[Path, int, tuple[int, int]]] = []
+    for folder in folders:
+        listed = _image_files(folder)
+        if not listed:
+            raise UserError(f"{root}: class folder {folder.name} holds no images: remove it or add its images")
+        for path in listed:
+            try:
+                dims = read_image_size(path)
+            except Exception as exc:  # noqa: BLE001 - CorruptImageError and OS errors alike
+                raise UserError(f"cannot read image {path}: {getattr(exc, 'reason', exc)}") from None
+            if dims[0] * dims[1] > MAX_SET_IMAGE_PIXELS:
+                raise UserError(f"{path}: {dims[0]}x{dims[1]} pixels, more than the {MAX_SET_IMAGE_PIXELS} "
+                                f"(4096x4096) an image of a set may have: resize it")
+            files.append((path, index[folder.name], dims))
+    return files
 
 
 def _check_set_memory(files: list[tuple[Path, int, tuple[int, int]]], size: int | None, max_bytes: int) -> None:
