@@ -67,7 +67,7 @@ class Run:
     store: str = "main"
 
 
-# Steps of the curve per (distillation backbone, method): every budget on the cheap CNN, fewer on the ViT
+# Steps of the curve per (distillation backbone, objective): every budget on the cheap CNN, fewer on the ViT
 # (about 1.4x the step time here); 1000 steps everywhere, the budget the targets are read at.
 CURVE = {("efficientnet-lite0", "lgm"): (200, 400, 1000, 2000), ("efficientnet-lite0", "clp"): (200, 400, 1000),
          ("dinov2-vits14-imgfocus", "lgm"): (200, 400, 1000), ("dinov2-vits14-imgfocus", "clp"): (400, 1000)}
@@ -78,9 +78,10 @@ def plan(quick: bool) -> list[Run]:
     """Every run, in the order the targets need them: the sets the targets are read at and the base of the
     ablations first, then the ablations, then the rest of the curve. Results are written after every run, so
     a bench stopped early (or given less time) leaves the most useful part measured."""
-    curve = {f"{method}-{SHORT[backbone]}-{n}": Run(f"{method}-{SHORT[backbone]}-{n}",
-                                                    {"backbone": [backbone], "method": method, "steps": n}, "curve")
-             for (backbone, method), steps in (QUICK_CURVE if quick else CURVE).items() for n in steps}
+    curve = {f"{objective}-{SHORT[backbone]}-{n}": Run(f"{objective}-{SHORT[backbone]}-{n}",
+                                                       {"backbone": [backbone], "method": objective, "steps": n},
+                                                       "curve")
+             for (backbone, objective), steps in (QUICK_CURVE if quick else CURVE).items() for n in steps}
     if quick:
         return list(curve.values())
     # One change each against lgm-effnet-400 (the curve's run), evaluated on every backbone: the fixes of
@@ -384,12 +385,12 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
         centroid = refs.get(f"centroid ({short})", {}).get(short)
         other = "dinov2" if short == "effnet" else "effnet"
         random_other = refs.get("random", {}).get(other)
-        for method, n in ((m, n) for n in (ABLATION_STEPS, TRANSFER_STEPS) for m in ("lgm", "clp")):
-            row = rows.get(f"{method}-{short}-{n}")
+        for objective, n in ((m, n) for n in (ABLATION_STEPS, TRANSFER_STEPS) for m in ("lgm", "clp")):
+            row = rows.get(f"{objective}-{short}-{n}")
             if row is None or full is None:
                 continue
             top1 = row[short]["top1_mean"]
-            summary[f"{method}-{short}-{n}"] = {
+            summary[f"{objective}-{short}-{n}"] = {
                 "top1": round(top1, 2),
                 "vs centroid (target >= +5)": None if centroid is None else round(top1 - centroid["top1_mean"], 2),
                 "fraction of full (target >= 0.85)": round(top1 / full["top1_mean"], 3),
@@ -478,13 +479,13 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4), squeeze=False)
     refs = {r["set"]: r for r in payload["references"]}
     for ax, source in zip(axes[0], sources):
-        for method, marker in (("lgm", "o"), ("clp", "s")):
-            points = sorted((r["steps"], r) for r in curve if r["distilled_on"] == source and r["method"] == method)
+        for objective, marker in (("lgm", "o"), ("clp", "s")):
+            points = sorted((r["steps"], r) for r in curve if r["distilled_on"] == source and r["method"] == objective)
             for evaluated, colour in zip(payload["eval_backbones"], ("tab:blue", "tab:orange", "tab:green")):
                 if points:
                     ax.plot([s for s, _ in points], [r[evaluated]["top1_mean"] for _, r in points], marker=marker,
-                            color=colour, ls="-" if method == "lgm" else "--",
-                            label=f"{method.upper()} on {evaluated}")
+                            color=colour, ls="-" if objective == "lgm" else "--",
+                            label=f"{objective.upper()} on {evaluated}")
         for name, ls in (("random", ":"), (f"centroid ({source})", "-."), ("full data", "-")):
             if name in refs and source in refs[name]:
                 ax.axhline(refs[name][source]["top1_mean"], color="grey", ls=ls, lw=1, label=f"{name} on {source}")

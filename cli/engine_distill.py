@@ -15,7 +15,7 @@ from engine.objectives import OBJECTIVES, option_fields
 
 
 def _objective_params():
-    """Every objective's options, on one command line: None when not given (the method's default
+    """Every objective's options, on one command line: None when not given (the objective's default
     applies, shown in the help)."""
     params = []
     for spec in OBJECTIVES.values():

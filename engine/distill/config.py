@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.objectives import METHODS, OBJECTIVES, objective_config
+from engine.objectives import OBJECTIVE_NAMES, OBJECTIVES, objective_config
 from featurestore.errors import UserError
 from featurestore.options import option
 
@@ -33,7 +33,8 @@ class NonFiniteLossError(DistillError):
 @dataclass
 class DistillConfig:
     """Every option of `engine distill` (defaults: the authors' LGM hyper-parameters). `objective` holds
-    the options of `method` that were given (see `engine.objectives`; absent ones take its defaults)."""
+    the options of the objective `method` names that were given (see `engine.objectives`; absent ones take its
+    defaults)."""
 
     store: str = option(help="Feature store directory (from `fs build`).")
     out: str = option(help="Output directory (must be new or empty, unless --resume).")
@@ -109,8 +110,8 @@ class DistillConfig:
         if len(self.backbone) > 1 and (self.weights is not None or self.image_size is not None):
             raise DistillError("--weights and --image-size apply to one --backbone: with several, each backbone "
                                "uses the weights and size its store was built with")
-        if self.method not in METHODS:
-            raise DistillError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in OBJECTIVE_NAMES:
+            raise DistillError(f"--method must be one of {', '.join(OBJECTIVE_NAMES)}, got {self.method!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise DistillError(f"--eval-every must be 0 (off) or a positive integer, got {self.eval_every!r}")
         for name in ("ipc", "steps", "augs", "checkpoint_every"):

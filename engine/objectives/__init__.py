@@ -21,19 +21,20 @@ _SPECS: tuple[ObjectiveSpec, ...] = (
     clp.SPEC,
 )
 OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in _SPECS}
-METHODS: tuple[str, ...] = tuple(OBJECTIVES)
+OBJECTIVE_NAMES: tuple[str, ...] = tuple(OBJECTIVES)
 
 
-def get_spec(method: str) -> ObjectiveSpec:
-    if method not in OBJECTIVES:
-        raise ObjectiveError(f"unknown method {method!r}: --method must be one of {', '.join(METHODS)}")
-    return OBJECTIVES[method]
+def objective_spec(name: str) -> ObjectiveSpec:
+    """The registered objective `name` (chosen on the command line by `--method`)."""
+    if name not in OBJECTIVES:
+        raise ObjectiveError(f"unknown method {name!r}: --method must be one of {', '.join(OBJECTIVE_NAMES)}")
+    return OBJECTIVES[name]
 
 
-def objective_config(method: str, options: dict[str, Any] | None = None) -> Any:
-    """The validated config of `method` from the options given (absent or None: the default). An option
-    of another method is refused, naming the method it belongs to."""
-    spec = get_spec(method)
+def objective_config(name: str, options: dict[str, Any] | None = None) -> Any:
+    """The validated config of objective `name` from the options given (absent or None: the default). An
+    option of another objective is refused, naming the objective it belongs to."""
+    spec = objective_spec(name)
     names = {f.name for f in dataclasses.fields(spec.config)}
     given = {k: v for k, v in (options or {}).items() if v is not None}
     for key in given:
@@ -41,19 +42,19 @@ def objective_config(method: str, options: dict[str, Any] | None = None) -> Any:
             owners = [s.name for s in _SPECS if key in {f.name for f in dataclasses.fields(s.config)}]
             where = f"--{key.replace('_', '-')} is an option of --method {' / '.join(owners)}" if owners \
                 else "no method has that option"
-            raise ObjectiveError(f"method {method} does not take {key} ({where})")
+            raise ObjectiveError(f"method {name} does not take {key} ({where})")
     config = spec.config(**given)
     config.validate()
     return config
 
 
-def get_objective(method: str, num_classes: int, **options: Any) -> Objective:
-    """The objective `method` for `num_classes` classes with the given options (see `objective_config`)."""
-    return get_spec(method).build(num_classes, objective_config(method, options))
+def get_objective(name: str, num_classes: int, **options: Any) -> Objective:
+    """The objective `name` for `num_classes` classes with the given options (see `objective_config`)."""
+    return objective_spec(name).build(num_classes, objective_config(name, options))
 
 
 def option_fields() -> dict[str, dataclasses.Field]:
-    """Every objective option by name (the union over methods), for the CLI. Options that two methods
+    """Every objective option by name (the union over objectives), for the CLI. Options that two objectives
     share must agree on their type."""
     fields: dict[str, dataclasses.Field] = {}
     for spec in _SPECS:
@@ -64,5 +65,5 @@ def option_fields() -> dict[str, dataclasses.Field]:
     return fields
 
 
-__all__ = ["OBJECTIVES", "METHODS", "LGMObjective", "CLPObjective", "Objective", "ObjectiveError", "ObjectiveSpec", "get_spec", "objective_config",
-           "get_objective", "option_fields"]
+__all__ = ["OBJECTIVES", "OBJECTIVE_NAMES", "LGMObjective", "CLPObjective", "Objective", "ObjectiveError", "ObjectiveSpec",
+           "objective_spec", "objective_config", "get_objective", "option_fields"]
