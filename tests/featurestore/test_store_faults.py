@@ -467,19 +467,27 @@ def test_read_only_store_fails_in_one_line_before_heavy_work(tmp_path, dir_diges
     assert {p: dir_digest(p) for p in (partial, complete)} == digests
 
 
-def test_disk_full_is_one_line_and_the_build_resumes(tmp_path, clean_store, monkeypatch):
-    """Defect 5: an OSError(ENOSPC) from a chunk write was a traceback. Now one line; the finished units
-    stay, `fs verify` sees an incomplete (not damaged) split, and a rerun finishes it bit for bit."""
+def _fill_disk_at(monkeypatch, where: str, nth: int = 1) -> None:
+    """zarr's local writes raise OSError(ENOSPC) from the nth write of a path containing `where` on."""
     import zarr.storage._local as local
 
     real_put = local._put
+    seen = {"n": 0}
 
     def full_disk(path, value, exclusive=False):
-        if "features/c/1" in Path(path).as_posix():
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        if where in Path(path).as_posix():
+            seen["n"] += 1
+            if seen["n"] >= nth:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_put(path, value, exclusive)
 
     monkeypatch.setattr(local, "_put", full_disk)
+
+
+def test_disk_full_is_one_line_and_the_build_resumes(tmp_path, clean_store, monkeypatch):
+    """Defect 5: an OSError(ENOSPC) from a chunk write was a traceback. Now one line; the finished units
+    stay, `fs verify` sees an incomplete (not damaged) split, and a rerun finishes it bit for bit."""
+    _fill_disk_at(monkeypatch, "features/c/1")
     store = tmp_path / "s"
     one_line_error(run(*BUILD, "--store", store), "cannot write to store", "No space left on device",
                    "free disk space, then rerun the same command")
@@ -502,19 +510,7 @@ def test_disk_full_at_any_write_is_one_line_and_the_build_resumes(tmp_path, clea
     """Issue 20, defect 4: a full disk at each moment of a build (chunks, markers, finalize, metadata) is
     one line, and what it leaves is read right: `fs verify` calls the split incomplete (never damaged or
     intact), and a rerun finishes it bit for bit."""
-    import zarr.storage._local as local
-
-    real_put = local._put
-    seen = {"n": 0}
-
-    def full_disk(path, value, exclusive=False):
-        if where in Path(path).as_posix():
-            seen["n"] += 1
-            if seen["n"] >= nth:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_put(path, value, exclusive)
-
-    monkeypatch.setattr(local, "_put", full_disk)
+    _fill_disk_at(monkeypatch, where, nth)
     store = tmp_path / "s"
     one_line_error(run(*BUILD, "--store", store), "cannot write to store", "No space left on device",
                    "free disk space, then rerun the same command")
