@@ -20,6 +20,19 @@ def _ours(category: type) -> bool:
     return category.__module__.split(".")[0] in ("featurestore", "engine", "cli")
 
 
+def _error_in_flight(interrupt: KeyboardInterrupt) -> UserError | None:
+    """The UserError being raised when Ctrl-C or SIGTERM arrived, if any. A signal that lands while an
+    error unwinds the stack (e.g. torchrun's SIGTERM to the ranks that survive one that died, just as
+    their collective fails) is raised from a `finally` on the way, with that error as its context: the
+    command had already failed, and its line says why."""
+    seen: BaseException | None = interrupt.__context__
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 def user_errors(fn: F) -> F:
     """Decorator for typer commands: UserError -> 'error: ...' (one line), exit code 2; Ctrl-C and SIGTERM
     -> 'interrupted', 130 (in an `fs` / `engine` process, cli/signals.py: once the command has ended, a
@@ -48,7 +61,11 @@ def user_errors(fn: F) -> F:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            decided = _error_in_flight(exc)
+            if decided is not None:  # the signal came while that error was on its way out: it is the outcome
+                print(f"error: {decided}", file=sys.stderr)
+                raise typer.Exit(decided.exit_code) from None
             print("interrupted", file=sys.stderr)
             raise typer.Exit(INTERRUPTED) from None
         finally:

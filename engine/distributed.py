@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from featurestore.distributed import is_distributed
+from featurestore.distributed import guarded_collective, is_distributed
 
 
 def all_gather_rows(local: Tensor, counts: Sequence[int]) -> Tensor:
@@ -30,7 +30,8 @@ def all_gather_rows(local: Tensor, counts: Sequence[int]) -> Tensor:
     padded = local.new_zeros((largest, *local.shape[1:]))
     padded[:local.shape[0]] = local
     pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded.contiguous())
+    with guarded_collective():  # another rank that stops: one line, not torch's traceback
+        dist.all_gather(pieces, padded.contiguous())
     return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
 
 
@@ -41,12 +42,15 @@ def reduce_step(params: list[Tensor], stop: bool, nonfinite: bool) -> tuple[bool
     if not is_distributed():
         return stop, nonfinite
     flags = torch.tensor([float(stop), float(nonfinite)], device=params[0].device)
-    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-    any_stop, any_nonfinite = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+    with guarded_collective():  # another rank that stops: one line, not torch's traceback
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        any_stop, any_nonfinite = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
     if any_stop or any_nonfinite:
         return any_stop, any_nonfinite
     for p in params:
         if p.grad is None:  # this rank had no copies this step
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    with guarded_collective():
+        for p in params:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
     return False, False

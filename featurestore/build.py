@@ -53,8 +53,8 @@ from . import schema
 from .backbones import Backbone, create_backbone, get_spec
 from .build_config import BuildConfig
 from .datasets import DatasetWarning, ImageDataset, dataset_splits, open_dataset
-from .distributed import (DistContext, all_reduce_int, broadcast_object, destroy, init_process_group_from_env,
-                          raise_if_any_failed)
+from .distributed import (DistContext, all_reduce_int, broadcast_object, destroy, if_a_rank_stops,
+                          init_process_group_from_env, raise_if_any_failed)
 from .errors import StoreError, UserError
 from .progress import progress
 from .runtime import exclusive_lock
@@ -270,9 +270,13 @@ def build(dataset: str, backbone: str, store: str | os.PathLike, **options: Any)
     cfg.validate()
     location = store_location(store)
     ctx = init_process_group_from_env(cfg.device, timeout=PROCESS_GROUP_TIMEOUT)
+    # Another rank that stops ends this one at its next collective (PeerLostError, one line).
+    lost = if_a_rank_stops(lambda: f"the units finished in {location} are intact (each is written whole, its "
+                                   f"marker last): rerun the same command to resume the build")
     try:
-        workers = _default_workers(ctx.env.local_world_size) if cfg.workers is None else cfg.workers
-        return _build(ctx, cfg, location, workers)
+        with lost:
+            workers = _default_workers(ctx.env.local_world_size) if cfg.workers is None else cfg.workers
+            return _build(ctx, cfg, location, workers)
     finally:
         destroy(ctx)
 

@@ -15,20 +15,30 @@ only): `engine.distributed` imports these and adds only the engine's tensor coll
 from __future__ import annotations
 
 import os
+import re
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 DEFAULT_MASTER_PORT = 29500  # torch's own default for env:// rendezvous
 
 
 class DistributedError(UserError):
     """The launch environment (torchrun / srun variables) or the device options are inconsistent."""
+
+
+class PeerLostError(DistributedError):
+    """A collective failed because another rank stopped (killed, crashed, stopped by its own error) or
+    stopped answering. Its message ends with what the running command registered with
+    `if_a_rank_stops` (what is intact on disk, how to go on)."""
 
 
 @dataclass(frozen=True)
@@ -206,12 +216,77 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+# ----------------------------------------------------------------------------------------------------
+# A rank that stops: the others' collectives fail (gloo: "Connection closed by peer" at once; a timeout
+# when a peer hangs). Every collective runs inside `guarded_collective`, which turns that into one
+# PeerLostError line instead of torch's traceback.
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_advice: list[Callable[[], str]] = []  # what the running command says to do, innermost last
+
+
+@contextmanager
+def if_a_rank_stops(advice: Callable[[], str]) -> Iterator[None]:
+    """While inside, a PeerLostError ends with `advice()` (called when a collective fails: it can look at
+    how far the command got, e.g. the last checkpoint written)."""
+    _advice.append(advice)
+    try:
+        yield
+    finally:
+        _advice.pop()
+
+
+def _peer_lost(exc: BaseException) -> PeerLostError:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # Which rank stopped is known only when there is one other (gloo names a socket, not a rank).
+    who = f"rank {1 - rank} of 2" if world == 2 else f"another of the {world} ranks"
+    # gloo prefixes its source file ("[.../pair.cc:561] ") and appends advice sentences: keep the cause.
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split())).split(". ")[0]
+    cause = one_line(RuntimeError(cause), 120, with_type=False)
+    advice = _advice[-1]() if _advice else "rerun the same command"
+    return PeerLostError(f"{who} stopped or stopped answering ({cause}), so rank {rank} stopped too: {advice}")
+
+
+@contextmanager
+def guarded_collective() -> Iterator[None]:
+    """Around one collective, up to the point its result is read (NCCL's are asynchronous): a failure
+    (another rank stopped) becomes a PeerLostError; Ctrl-C and SIGTERM are held meanwhile.
+
+    Why hold them: a signal cannot interrupt a rank blocked in a collective anyway (Python runs its
+    handler only once the call returns), but torchrun sends SIGTERM to the surviving ranks right after one
+    dies, so it lands just as the collective fails and would replace the line saying why with a bare
+    `interrupted`. A signal held during a collective that succeeded is delivered again right after it;
+    one held during a failed collective (the launcher's reaction to the same failure) is dropped."""
+    held = threading.current_thread() is threading.main_thread()
+    received: list[int] = []
+    previous: dict[signal.Signals, Any] = {}
+    if held:
+        previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+        # A handler installed outside Python (getsignal() is None) cannot be put back: leave it alone.
+        previous = {sig: handler for sig, handler in previous.items() if handler is not None}
+        for sig in previous:
+            signal.signal(sig, lambda signum, frame: received.append(signum))
+    lost = False
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
+        lost = True
+        raise _peer_lost(exc) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if not lost:
+            for sig in dict.fromkeys(received):
+                signal.raise_signal(sig)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` of rank `src` on every rank (pickled: for small objects such as plans and messages)."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=collective_device())
+    with guarded_collective():
+        dist.broadcast_object_list(box, src=src, device=collective_device())
     return box[0]
 
 
@@ -220,7 +295,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with guarded_collective():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -229,8 +305,9 @@ def all_reduce_int(value: int) -> int:
     if not is_distributed():
         return int(value)
     t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item())
+    with guarded_collective():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return int(t.item())
 
 
 def any_rank(flag: bool) -> bool:
@@ -238,8 +315,9 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    with guarded_collective():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
 
 def contiguous_share(total: int, rank: int, world: int) -> range:
@@ -268,6 +346,7 @@ def raise_if_any_failed(error: BaseException | None) -> None:
             raise DistributedError(message if user else f"rank {rank} failed: {name}: {message}")
 
 
-__all__ = ["DistEnv", "DistContext", "DistributedError", "rank_device", "init_process_group_from_env", "destroy",
+__all__ = ["DistEnv", "DistContext", "DistributedError", "PeerLostError", "if_a_rank_stops", "guarded_collective",
+           "rank_device", "init_process_group_from_env", "destroy",
            "is_distributed", "collective_device", "broadcast_object", "all_gather_objects", "all_reduce_int",
            "any_rank", "contiguous_share", "raise_if_any_failed"]

@@ -19,7 +19,9 @@ filesystem all ranks see). Setup errors are agreed on before anything is written
 failing one with its message. Ctrl-C / SIGTERM (torchrun forwards them to every rank) only set a flag;
 the flags are combined at the step's gradient reduction, so all ranks stop at the same step, rank 0
 saves the checkpoint and every rank raises `DistillInterrupted`. A non-finite loss is likewise decided
-collectively. With --real-source images every rank computes the whole real batch's features.
+collectively. A rank that dies (killed, crashed) fails the others' next collective: each stops with one
+line (`featurestore.distributed.PeerLostError`) naming it and how to resume, and writes nothing more, so
+the last checkpoint stands. With --real-source images every rank computes the whole real batch's features.
 """
 
 from engine.distill.backprop import SyntheticSide, resolve_copies_per_pass

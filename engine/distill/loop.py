@@ -40,7 +40,7 @@ from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_
 from engine.distributed import reduce_step
 from engine.imagefolder import write_imagefolder
 from engine.outputs import append_metric, save_grid, save_loss_plot, save_safetensors, write_metrics
-from featurestore.distributed import DistContext, any_rank, destroy, init_process_group_from_env
+from featurestore.distributed import DistContext, any_rank, destroy, if_a_rank_stops, init_process_group_from_env
 from featurestore.progress import progress
 from featurestore.runtime import atomic_write_json, exclusive_lock
 
@@ -50,9 +50,15 @@ def distill(cfg: DistillConfig) -> DistillResult:
     Under torchrun, every rank calls this and rank 0 writes."""
     cfg.validate()
     ctx = init_process_group_from_env(cfg.device)
-    with ExitStack() as held:  # the output directory's lock, held by rank 0 until the outputs are written
+    started: list[Run] = []
+    # Another rank that stops ends this one at its next collective with one line (PeerLostError) saying
+    # how to go on; nothing is written after it, so the last checkpoint stands.
+    lost = if_a_rank_stops(lambda: started[0].after_a_lost_rank() if started else
+                           "nothing was written yet: rerun the same command")
+    with ExitStack() as held, lost:  # held: the output directory's lock, rank 0's until the outputs are written
         try:
             run = setup(cfg, ctx, held)
+            started.append(run)
             steps(run)
             return finish(run)
         finally:

@@ -70,6 +70,16 @@ class Run:
                 "rerun the same command (no checkpoint was written yet: it starts again from step 0)")
         return write_errors(f"to --out {self.out}", then, DistillError)
 
+    def after_a_lost_rank(self) -> str:
+        """How to go on once another rank stopped mid-run: nothing more is written (a half-finished step is
+        not saved), so the last checkpoint on disk, written atomically, is the one to resume from."""
+        resume = "rerun the same command with --resume to continue from it"
+        if not self.main:  # rank 0 writes the checkpoints and knows which; this rank only their schedule
+            return f"the last checkpoint rank 0 wrote in --out {self.out} is intact: {resume}"
+        if self.last_saved is not None:
+            return f"the checkpoint of step {self.last_saved} in --out {self.out} is intact: {resume}"
+        return "no checkpoint was written yet: rerun the same command (it starts again from step 0)"
+
     def checkpoint_state(self, step: int) -> dict[str, Any]:
         """What the checkpoint after `step` steps holds (engine.distill.checkpoint)."""
         return {

@@ -133,3 +133,28 @@ def test_a_signal_after_the_summary_leaves_a_finished_run_finished(store, tmp_pa
     assert proc.returncode == 0, err
     assert out.startswith("distilled ") and "Traceback" not in err and "interrupted" not in err
     assert (out_dir / "distilled.safetensors").is_file()
+
+
+def test_a_signal_while_an_error_unwinds_keeps_the_error_line():
+    """Before: a signal that landed while a command's error was on its way out (torchrun's SIGTERM to the
+    ranks that survive a dead one, just as their collective fails) replaced that error's line with
+    `interrupted` (130). A KeyboardInterrupt raised on the way out carries the error as its context: the
+    command had already failed, and its line and exit code stand."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.common import user_errors
+    from featurestore.errors import UserError
+
+    app = typer.Typer()
+
+    @app.command()
+    @user_errors
+    def fails() -> None:
+        try:
+            raise UserError("rank 1 of 2 stopped")
+        finally:
+            raise KeyboardInterrupt  # what the signal handler raises there
+
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2 and result.stderr == "error: rank 1 of 2 stopped\n" and result.stdout == ""

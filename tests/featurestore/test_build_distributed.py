@@ -1,5 +1,6 @@
 """`fs build` under torchrun (2 gloo processes on the CPU): identical arrays to a single-process build,
-and resume across a changed world size; plus the launch-environment parsing and work assignment."""
+resume across a changed world size, a rank killed while the other waits for it; plus the
+launch-environment parsing and work assignment."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from typer.testing import CliRunner
 
+from cli.fs import app as fs_app
 from featurestore.build import build, units_for_rank
 from featurestore.distributed import contiguous_share as assign_units
 from featurestore.distributed import DistEnv, DistributedError, init_process_group_from_env, raise_if_any_failed
 from featurestore.errors import StoreError
 from featurestore.store import FeatureStore
+from tests.torchrun_helpers import launches
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -103,6 +107,36 @@ def test_resume_with_another_world_size_only_redoes_unfinished_units(single_stor
     assert again.already_complete and again.written == 0
 
 
+def test_a_rank_killed_while_the_other_waits_is_one_line_and_the_rerun_finishes(single_store, tmp_path):
+    """Issue 20: rank 0, done with its units and waiting for rank 1 at the barrier, printed gloo's traceback
+    when rank 1 was SIGKILLed. Now one line naming rank 1 and how to go on, exit 2; the units on disk are
+    intact (`fs verify`: incomplete, not damaged) and the same command finishes the build."""
+    store = tmp_path / "killed"
+    args = ["build", "gratings", "--backbone", "test-cnn", "--store", str(store), *CLI_OPTIONS, "--quiet"]
+    # Units 0-2 are rank 0's, 3-6 rank 1's: rank 1 stops for good before writing its first one; rank 0
+    # marks its third collective (the barrier after its units) and goes into it.
+    hooks = [{"rank": 1, "target": "featurestore.unit_writer:UnitWriter.finish", "call": 1, "pause": True},
+             {"rank": 0, "target": "featurestore.build:raise_if_any_failed", "call": 3, "pause": False}]
+    with launches() as start:
+        launch = start(tmp_path / "logs", "cli.fs", args, hooks=hooks)
+        launch.wait_for_marker(0)
+        os.kill(launch.wait_for_marker(1), signal.SIGKILL)
+        launch.finish()
+    survivor = launch.rank(0)
+    lines = [line for line in survivor.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in survivor.stderr, survivor.stderr
+    assert lines[0].startswith("error: rank 1 of 2 stopped or stopped answering ("), lines[0]
+    assert lines[0].endswith(f"the units finished in {store} are intact (each is written whole, its marker last): "
+                             f"rerun the same command to resume the build")
+    assert survivor.exit_code == 2
+    assert units_done(store) == [0, 1, 2]
+    verify = CliRunner().invoke(fs_app, ["verify", "--store", str(store)])
+    assert verify.exit_code == 1 and "incomplete (3/7 units" in verify.stdout and "damaged:" not in verify.stdout
+    rerun = CliRunner().invoke(fs_app, args)
+    assert rerun.exit_code == 0 and rerun.stdout.splitlines() == ["test-cnn/train: complete, 50 rows (26 computed now)"]
+    assert_groups_identical(single_store, store)
+
+
 def test_units_for_rank_splits_the_unfinished_list_contiguously_and_balanced():
     unfinished = [0, 1, 4, 5, 6]
     shares = [units_for_rank(unfinished, r, 2) for r in range(2)]
@@ -142,3 +176,39 @@ def test_single_process_context_is_a_no_op(monkeypatch):
     raise_if_any_failed(None)
     with pytest.raises(StoreError, match="boom"):
         raise_if_any_failed(StoreError("boom"))
+
+
+def test_a_collective_holds_signals_and_drops_those_of_a_lost_rank(monkeypatch):
+    """What a rank does around a collective (featurestore.distributed.guarded_collective): a signal that
+    arrives meanwhile is delivered once the collective succeeded; when it failed because another rank
+    stopped (torchrun's SIGTERM to the survivors follows right away), it is dropped and the failure is one
+    PeerLostError line with the running command's advice, gloo's file prefix and advice sentences cut."""
+    import torch.distributed as dist
+
+    from featurestore.distributed import PeerLostError, guarded_collective, if_a_rank_stops
+
+    received: list[int] = []
+
+    def handler(signum, frame):  # noqa: ARG001
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with guarded_collective():
+            signal.raise_signal(signal.SIGTERM)
+            assert received == []
+        assert received == [signal.SIGTERM]
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda: 0)
+        with if_a_rank_stops(lambda: "rerun it"), pytest.raises(PeerLostError) as failed:
+            with guarded_collective():
+                signal.raise_signal(signal.SIGTERM)
+                raise RuntimeError("[/src/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:9. "
+                                   "This is typically caused by a remote worker crashing.")
+        assert str(failed.value) == ("rank 1 of 2 stopped or stopped answering (Connection closed by peer "
+                                     "[127.0.0.1]:9), so rank 0 stopped too: rerun it")
+        assert failed.value.exit_code == 2
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler  # the handlers are back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
