@@ -467,15 +467,31 @@ def test_read_only_store_fails_in_one_line_before_heavy_work(tmp_path, dir_diges
     assert {p: dir_digest(p) for p in (partial, complete)} == digests
 
 
-def _fill_disk_at(monkeypatch, where: str, nth: int = 1) -> None:
-    """zarr's local writes raise OSError(ENOSPC) from the nth write of a path containing `where` on."""
+def _fill_disk_at(monkeypatch, where: str, nth: int = 1, finalizing: bool = False) -> None:
+    """zarr's local writes raise OSError(ENOSPC) from the nth write of a path containing `where` on; with
+    `finalizing`, only the writes of a split's finalize step count (`finalize_split`: the merged class
+    statistics, then the split's attributes, `complete` last)."""
     import zarr.storage._local as local
+
+    import featurestore.build as build_module
 
     real_put = local._put
     seen = {"n": 0}
+    counting = [not finalizing]
+    if finalizing:
+        real_finalize = build_module.finalize_split
+
+        def finalize(*args, **kwargs):
+            counting[0] = True
+            try:
+                return real_finalize(*args, **kwargs)
+            finally:
+                counting[0] = False
+
+        monkeypatch.setattr(build_module, "finalize_split", finalize)
 
     def full_disk(path, value, exclusive=False):
-        if where in Path(path).as_posix():
+        if counting[0] and where in Path(path).as_posix():
             seen["n"] += 1
             if seen["n"] >= nth:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -499,10 +515,14 @@ def test_disk_full_is_one_line_and_the_build_resumes(tmp_path, clean_store, monk
     assert_groups_identical(clean_store, store, "test-cnn", "train")
 
 
-# Where a full disk can strike a build: a later chunk, a unit's completion marker, the merged class
-# statistics, the split's attributes when it is finalized (the 2nd write of its zarr.json), array creation.
+# Where a full disk can strike a build: a later chunk, a unit's completion marker, and while the split and
+# its arrays are created (class_mean's metadata, the 2nd write of the split's zarr.json, unit_sum's metadata).
 DISK_FULL_POINTS = [("features/c/1/", 1), ("unit_done/c/2", 1), ("class_mean/", 1), ("test-cnn/train/zarr.json", 2),
                     ("unit_sum/zarr.json", 1)]
+# ... and in its finalize step, once every unit is done: each merged class statistic, then the split's
+# attributes, written one by one (the 1st: `greyscale`; the 6th and last: `complete`).
+FINALIZE_POINTS = [("class_count/c/", 1), ("class_mean/c/", 1), ("class_sq_mean/c/", 1),
+                   ("test-cnn/train/zarr.json", 1), ("test-cnn/train/zarr.json", 6)]
 
 
 @pytest.mark.parametrize("where,nth", DISK_FULL_POINTS)
@@ -519,6 +539,30 @@ def test_disk_full_at_any_write_is_one_line_and_the_build_resumes(tmp_path, clea
     assert verify.exit_code == 1 and "damaged:" not in verify.stdout, verify.output
     resumed = run(*BUILD, "--store", store)
     assert resumed.exit_code == 0 and "test-cnn/train: complete, 40 rows" in resumed.stdout, resumed.output
+    assert run("verify", "--store", store).exit_code == 0
+    assert_groups_identical(clean_store, store, "test-cnn", "train")
+
+
+@pytest.mark.parametrize("where,nth", FINALIZE_POINTS)
+def test_disk_full_while_finalizing_is_one_line_and_the_rerun_only_finalizes(tmp_path, clean_store, monkeypatch,
+                                                                            where, nth):
+    """Issue 20: a full disk in the build's last step (the class statistics merged from the units, the
+    split's attributes) was untested. One line, exit 2; every unit stays done and the split incomplete
+    (`fs verify`: 3/3 units, not damaged, exit 1; `engine` refuses it), and the same command once there
+    is space again computes nothing, finalizes, and the store is bit for bit a clean build's."""
+    _fill_disk_at(monkeypatch, where, nth, finalizing=True)
+    store = tmp_path / "s"
+    one_line_error(run(*BUILD, "--store", store), "cannot write to store", "No space left on device",
+                   "free disk space, then rerun the same command")
+    monkeypatch.undo()
+    group = zarr.open_group(str(store), mode="r")["test-cnn"]["train"]
+    assert group.attrs["complete"] is False and group["unit_done"][:].tolist() == [1, 1, 1]
+    verify = run("verify", "--store", store)
+    assert verify.exit_code == 1 and "incomplete (3/3 units" in verify.stdout and "damaged:" not in verify.stdout
+    with pytest.raises(StoreError, match="incomplete"):
+        FeatureStore.open(store).split("test-cnn", "train")
+    resumed = run(*BUILD, "--store", store)
+    assert resumed.exit_code == 0 and resumed.stdout.splitlines() == ["test-cnn/train: complete, 40 rows (0 computed now)"]
     assert run("verify", "--store", store).exit_code == 0
     assert_groups_identical(clean_store, store, "test-cnn", "train")
 
