@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the machine stamp and the results writer (JSON + markdown)."""
+"""Shared by the benchmarks: the machine stamp, the results writer (JSON + markdown), the formats of their
+tables (`markdown_table`, seconds and bytes as a reader reads them), the shared Fashion-MNIST store."""
 
 from __future__ import annotations
 
@@ -63,6 +64,27 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def fmt_s(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
