@@ -140,38 +140,70 @@ class StageTimes:
         return sum(seconds or 0.0 for _, seconds, _ in self.rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    """What every stage of one invocation reads: the options, the mode, its folders, the dataset and store."""
+
+    args: argparse.Namespace
+    mode: str
+    work: Path
+    mode_dir: Path  # what depends on the mode; the store and the baselines are shared
+    times: StageTimes
+    dataset: str
+    store: Path
+    split_limits: dict[str, int]
+
+
 def run_demo(args: argparse.Namespace) -> Path:
     t0 = time.time()  # the invocation's wall time counts the imports (torch: seconds on a busy machine)
-    from benchmarks.harness import distill_unless_done
-    from engine.baselines import make_baseline
-    from engine.distill import DistillConfig
-    from engine.evaluate import EvalConfig, evaluate, write_eval_outputs
-    from featurestore.build import build
-    from featurestore.errors import StoreError, UserError
+    # Imported here, before any stage's clock starts (the stages' own imports then cost nothing).
+    import benchmarks.harness  # noqa: F401
+    import engine.baselines  # noqa: F401
+    import engine.distill  # noqa: F401
+    import engine.evaluate  # noqa: F401
+    import featurestore.build  # noqa: F401
+    import featurestore.errors  # noqa: F401
 
     mode = mode_name(args)
     work = Path(args.work)
-    mode_dir = work / mode  # what depends on the mode; the store and the baselines are shared
+    mode_dir = work / mode
     mode_dir.mkdir(parents=True, exist_ok=True)
     times = StageTimes(work)
-
     dataset = args.dataset
     if dataset == "auto":
         stage("Fashion-MNIST")
         dataset = "fashion-mnist" if obtain_fashion_mnist() else "gratings"
-    store = work / f"fs-{dataset}"
-
     # Each split keeps its own limit: the val split is the table's test set, and smaller than train.
-    split_limits = {"train": args.limit_per_class, "val": args.val_limit_per_class}
+    demo = Demo(args, mode, work, mode_dir, times, dataset, work / f"fs-{dataset}",
+                {"train": args.limit_per_class, "val": args.val_limit_per_class})
+
+    val_rows = build_store(demo)
+    sets = distill_sets(demo)
+    sets.update(make_baselines(demo))
+    eval_cfg, table_md = evaluate_sets(demo, sets)
+
+    stage("report")
+    report_path = write_report(demo, val_rows, eval_cfg, table_md, time.time() - t0)
+    print(f"\nreport: {report_path}  (and {report_path.with_suffix('.html')})", file=sys.stderr)
+    print(table_md)
+    return report_path
+
+
+def build_store(demo: Demo) -> int:
+    """Both backbones into the store, each split to its limit; the rows of the val split (the test set)."""
+    from featurestore.build import build
+    from featurestore.errors import StoreError
+
+    args, store = demo.args, demo.store
     val_rows = 0
     for backbone in BACKBONES:
-        stage(f"feature store: {dataset} through {backbone} at {args.image_size} px "
-              f"({', '.join(f'{k} {v}' for k, v in split_limits.items())} images per class) -> {store}")
+        stage(f"feature store: {demo.dataset} through {backbone} at {args.image_size} px "
+              f"({', '.join(f'{k} {v}' for k, v in demo.split_limits.items())} images per class) -> {store}")
         t = time.time()
         computed = False
-        for split, limit in split_limits.items():
+        for split, limit in demo.split_limits.items():
             try:
-                report = build(dataset, backbone, store, splits=[split], limit_per_class=limit,
+                report = build(demo.dataset, backbone, store, splits=[split], limit_per_class=limit,
                                image_size=args.image_size, device=args.device)
             except StoreError as exc:
                 raise StoreError(f"{exc}\n(the demo's store {store} was made with other options: "
@@ -182,47 +214,77 @@ def run_demo(args: argparse.Namespace) -> Path:
                 print(f"   {backbone}/{s.split}: {s.rows} rows"
                       + (" (already complete)" if s.already_complete else f", {s.written} computed now"),
                       file=sys.stderr)
-        times.add(f"{store.name}/{backbone}", f"store build: {backbone}", time.time() - t, computed)
+        demo.times.add(f"{store.name}/{backbone}", f"store build: {backbone}", time.time() - t, computed)
+    return val_rows
 
+
+def distill_sets(demo: Demo) -> dict[str, Path]:
+    """Every run of the mode, distilled unless a finished one is there; name -> its images."""
+    from benchmarks.harness import distill_unless_done
+
+    args = demo.args
     sets: dict[str, Path] = {}
     curve_every = CURVE_EVERY if args.full else None  # None: engine distill's default (no probes)
     for name, method, backbones in distill_runs(args):
-        out = mode_dir / f"distill-{name}"
+        out = demo.mode_dir / f"distill-{name}"
         stage(f"distill: {method.upper()}, 1 image/class from the default init, {args.steps} steps on "
               f"{' + '.join(backbones)} -> {out}")
         t = time.time()
         options = dict(method=method, steps=args.steps, augs=args.augs)
         if curve_every:
             options["eval_every"] = curve_every
-        config = dict(store=str(store), backbone=list(backbones), device=args.device, **options)
+        config = dict(store=str(demo.store), backbone=list(backbones), device=args.device, **options)
         computed = distill_unless_done(out, config)
-        if not computed:  # a finished run is reused only if it is the run asked for (--steps, --augs, mode)
-            cfg = DistillConfig(out=str(out), **config)
-            done = json.loads((out / CONFIG_FILE).read_text()).get("arguments", {})
-            differing = [f"--{k.replace('_', '-')} {done.get(k)} there, {getattr(cfg, k)} asked"
-                         for k in ("method", "backbone", "steps", "augs", "eval_every")
-                         if done.get(k) != getattr(cfg, k)]
-            if differing:
-                raise UserError(f"{out} holds a run with other options ({'; '.join(differing)}): delete that "
-                                "folder (or `make clean-demo`) to redo it")
+        if not computed:
+            _check_reused_run(out, config)
             print("   already distilled (delete the folder to redo)", file=sys.stderr)
-        times.add(f"{mode}/distill-{name}", f"distill: {name}", time.time() - t, computed)
+        demo.times.add(f"{demo.mode}/distill-{name}", f"distill: {name}", time.time() - t, computed)
         sets[name] = out / IMAGES_DIR
+    return sets
+
+
+def _check_reused_run(out: Path, config: dict[str, Any]) -> None:
+    """A finished run is reused only if it is the run asked for (--steps, --augs, mode)."""
+    from engine.distill import DistillConfig
+    from featurestore.errors import UserError
+
+    cfg = DistillConfig(out=str(out), **config)
+    done = json.loads((out / CONFIG_FILE).read_text()).get("arguments", {})
+    differing = [f"--{k.replace('_', '-')} {done.get(k)} there, {getattr(cfg, k)} asked"
+                 for k in ("method", "backbone", "steps", "augs", "eval_every")
+                 if done.get(k) != getattr(cfg, k)]
+    if differing:
+        raise UserError(f"{out} holds a run with other options ({'; '.join(differing)}): delete that "
+                        "folder (or `make clean-demo`) to redo it")
+
+
+def make_baselines(demo: Demo) -> dict[str, Path]:
+    """The real-image baselines (shared by both modes), made unless there; name -> their images."""
+    from engine.baselines import make_baseline
 
     t = time.time()
     computed = False
+    sets: dict[str, Path] = {}
     for kind in BASELINE_KINDS:
-        out = work / f"baseline-{kind}"
+        out = demo.work / f"baseline-{kind}"
         stage(f"baseline: {kind} real image per class -> {out}")
         if (out / "baseline.json").is_file():
             print("   already built", file=sys.stderr)
         else:
-            make_baseline(str(store), DISTILL_BACKBONE, kind, out, ipc=1, seed=0, device=args.device)
+            make_baseline(str(demo.store), DISTILL_BACKBONE, kind, out, ipc=1, seed=0, device=demo.args.device)
             computed = True
         sets[f"{kind} real"] = out / IMAGES_DIR
-    times.add("baselines", f"baselines: {' + '.join(BASELINE_KINDS)}", time.time() - t, computed)
+    demo.times.add("baselines", f"baselines: {' + '.join(BASELINE_KINDS)}", time.time() - t, computed)
+    return sets
 
-    eval_dir = mode_dir / "eval"
+
+def evaluate_sets(demo: Demo, sets: dict[str, Path]) -> tuple[Any, str]:
+    """Every set and the full data on both backbones, unless eval.json holds this very evaluation; the
+    evaluation's options and its markdown table."""
+    from engine.evaluate import EvalConfig, evaluate, write_eval_outputs
+
+    args = demo.args
+    eval_dir = demo.mode_dir / "eval"
     given = {k: v for k, v in (("seeds", args.seeds), ("epochs", args.epochs)) if v is not None}
     eval_cfg = EvalConfig(**given, full=True, device=args.device)
     stage(f"evaluation: {', '.join(sets)} + full data on {', '.join(BACKBONES)} ({eval_cfg.seeds} seeds, "
@@ -230,11 +292,11 @@ def run_demo(args: argparse.Namespace) -> Path:
     t = time.time()
     eval_json = eval_dir / "eval.json"
     wanted = {"sets": {k: str(v) for k, v in sets.items()}, "seeds": eval_cfg.seeds, "epochs": eval_cfg.epochs,
-              "steps": args.steps, "augs": args.augs, "dataset": dataset, "split_limits": split_limits}
+              "steps": args.steps, "augs": args.augs, "dataset": demo.dataset, "split_limits": demo.split_limits}
     cached = json.loads(eval_json.read_text()) if eval_json.is_file() else None
     computed = not (cached and cached.get("demo") == wanted)
     if computed:
-        result = evaluate(str(store), {k: str(v) for k, v in sets.items()}, list(BACKBONES),
+        result = evaluate(str(demo.store), {k: str(v) for k, v in sets.items()}, list(BACKBONES),
                           **dataclasses.asdict(eval_cfg))
         write_eval_outputs(result, eval_dir)
         payload = json.loads(eval_json.read_text())
@@ -243,14 +305,8 @@ def run_demo(args: argparse.Namespace) -> Path:
     else:
         print("   already evaluated", file=sys.stderr)
     table_md = (eval_dir / "eval.md").read_text()
-    times.add(f"{mode}/eval", "evaluation", time.time() - t, computed)
-
-    stage("report")
-    report_path = write_report(work, mode_dir, dataset, store, val_rows, args, eval_cfg, table_md, times,
-                               time.time() - t0)
-    print(f"\nreport: {report_path}  (and {report_path.with_suffix('.html')})", file=sys.stderr)
-    print(table_md)
-    return report_path
+    demo.times.add(f"{demo.mode}/eval", "evaluation", time.time() - t, computed)
+    return eval_cfg, table_md
 
 
 def _loss_summary(out: Path) -> str:
@@ -272,38 +328,53 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
-def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows: int, args: argparse.Namespace,
-                 eval_cfg: Any, table_md: str, times: StageTimes, wall: float) -> Path:
+def write_report(demo: Demo, val_rows: int, eval_cfg: Any, table_md: str, wall: float) -> Path:
     """demo/report.md and demo/report.html, with the images copied next to them (demo/assets/)."""
-    mode = mode_name(args)
-    runs = distill_runs(args)
+    figures = _copy_figures(demo)
+    setup = _setup_text(demo, val_rows, eval_cfg)
+    time_note = (f"Wall seconds of each stage when it was computed (a stage reused from an earlier run keeps "
+                 f"the time it took then; one an interrupted run had begun counts only the part done last). "
+                 f"This invocation: {_minutes(wall)}.")
+    report = DEMO_DIR / "report.md"
+    report.write_text(_report_markdown(demo, setup, table_md, figures, time_note))
+    (DEMO_DIR / "report.html").write_text(_report_html(demo, setup, table_md, figures, time_note))
+    return report
+
+
+def _copy_figures(demo: Demo) -> list[tuple[str, str]]:
+    """The runs' grids and loss plots and the baselines' grids copied to demo/assets/: (title, path)."""
     assets = DEMO_DIR / "assets"
     shutil.rmtree(assets, ignore_errors=True)  # the other mode's figures would linger next to this report
     assets.mkdir()
     figures: list[tuple[str, str]] = []
-    for run_name, _, backbones in runs:
-        out = mode_dir / f"distill-{run_name}"
+    for run_name, _, backbones in distill_runs(demo.args):
+        out = demo.mode_dir / f"distill-{run_name}"
         slug = run_name.lower().replace(" ", "-")
         for name in (GRID_FILE, LOSS_PLOT_FILE):
             if (out / name).is_file():
                 shutil.copyfile(out / name, assets / f"{slug}-{name}")
                 what = ("distilled images" if name == GRID_FILE else
-                        "loss and probe accuracy during the run" if args.full else "loss during the run")
+                        "loss and probe accuracy during the run" if demo.args.full else "loss during the run")
                 figures.append((f"{run_name} ({' + '.join(backbones)}): {what}", f"assets/{slug}-{name}"))
     for kind in BASELINE_KINDS:
-        grid = work / f"baseline-{kind}" / GRID_FILE
+        grid = demo.work / f"baseline-{kind}" / GRID_FILE
         if grid.is_file():
             shutil.copyfile(grid, assets / f"{kind}-grid.png")
             figures.append((f"{kind} real images", f"assets/{kind}-grid.png"))
+    return figures
 
+
+def _setup_text(demo: Demo, val_rows: int, eval_cfg: Any) -> str:
+    """The report's first paragraph: what was run, on what, with which options."""
+    args, mode, runs = demo.args, demo.mode, distill_runs(demo.args)
     run_list = "; ".join(f"{name} on `{' + '.join(backbones)}`" for name, _, backbones in runs)
     # The init is whatever `engine distill` defaults to (another release may change it): read it from the runs.
     inits = sorted({json.loads(path.read_text()).get("arguments", {}).get("init", "?") for path in
-                    (mode_dir / f"distill-{name}" / CONFIG_FILE for name, _, _ in runs) if path.is_file()})
+                    (demo.mode_dir / f"distill-{name}" / CONFIG_FILE for name, _, _ in runs) if path.is_file()})
     # The ± of the table is over probe seeds on one test set; the test set's own sampling error adds to it.
     sampling_error = 100 * math.sqrt(0.7 * 0.3 / max(val_rows, 1))
     setup = (
-        f"Mode **{mode}** (`make {mode}`). Dataset **{dataset}**: {args.limit_per_class} train and "
+        f"Mode **{mode}** (`make {mode}`). Dataset **{demo.dataset}**: {args.limit_per_class} train and "
         f"{args.val_limit_per_class} val images per class. The val split ({val_rows} images) is the table's "
         f"test set: enough for a demo table, whose accuracies also carry a sampling error of about "
         f"{sampling_error:.1f} points (binomial, at 70 %) that the ± over probe seeds does not show. "
@@ -311,32 +382,37 @@ def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows
         f"One image per class distilled with the defaults of `engine distill` (`--init {', '.join(inits)}`) "
         f"but `--steps {args.steps} --augs {args.augs}` (a CPU budget; the authors run 5000 steps with 10 "
         f"copies){f' and `--eval-every {CURVE_EVERY}` (the curves)' if args.full else ''}: {run_list}. "
-        f"Probe evaluation: {eval_cfg.seeds} seeds, {eval_cfg.epochs} epochs. Store: `{store}`. The last column "
+        f"Probe evaluation: {eval_cfg.seeds} seeds, {eval_cfg.epochs} epochs. Store: `{demo.store}`. The last column "
         "of the table is the mean over the backbones a set was not distilled on (transfer).")
     if not args.full:
         setup += (" `make demo-full` adds LGM on both backbones at once and the probe-accuracy curves "
                   "of every run.")
-    fallback = "" if dataset == "fashion-mnist" else (
+    return setup
+
+
+def _report_markdown(demo: Demo, setup: str, table_md: str, figures: list[tuple[str, str]], time_note: str) -> str:
+    mode, times = demo.mode, demo.times
+    fallback = "" if demo.dataset == "fashion-mnist" else (
         "\n> Fashion-MNIST was not available, so this run used the built-in `gratings` dataset.\n")
-    time_note = (f"Wall seconds of each stage when it was computed (a stage reused from an earlier run keeps "
-                 f"the time it took then; one an interrupted run had begun counts only the part done last). "
-                 f"This invocation: {_minutes(wall)}.")
     md = [
         f"# probe-distill demo report ({mode})", "", setup, fallback,
         "## Accuracy (top-1 %, linear probe, mean ± std over seeds; test = the store's val features)", "",
         "\n".join(line for line in table_md.strip().splitlines() if not line.startswith("# ")), "",
         "## Distillation runs", "",
     ]
-    md += [f"- {run_name}: {_loss_summary(mode_dir / f'distill-{run_name}')}" for run_name, _, _ in runs]
+    md += [f"- {run_name}: {_loss_summary(demo.mode_dir / f'distill-{run_name}')}"
+           for run_name, _, _ in distill_runs(demo.args)]
     md += ["", "## Figures", ""]
     md += [f"### {title}\n\n![{title}]({path})\n" for title, path in figures]
     md += [f"## Time ({mode})", "", time_note, "", "| stage | seconds | this invocation |", "|---|---|---|"]
     md += [f"| {label} | {'-' if s is None else f'{s:.0f}'} | {'computed' if computed else 'reused'} |"
            for label, s, computed in times.rows]
     md += [f"| **total** | **{times.total():.0f}** ({_minutes(times.total())}) | |", ""]
-    report = DEMO_DIR / "report.md"
-    report.write_text("\n".join(md))
+    return "\n".join(md)
 
+
+def _report_html(demo: Demo, setup: str, table_md: str, figures: list[tuple[str, str]], time_note: str) -> str:
+    mode, times = demo.mode, demo.times
     body = [f"<h1>probe-distill demo report ({html.escape(mode)})</h1>",
             f"<p>{_inline_markdown_to_html(setup)}</p>",
             "<h2>Accuracy (top-1 %)</h2>", _markdown_table_to_html(table_md),
@@ -347,11 +423,9 @@ def write_report(work: Path, mode_dir: Path, dataset: str, store: Path, val_rows
     body += [f"<tr><td>{html.escape(label)}</td><td>{'-' if s is None else f'{s:.0f}'}</td>"
              f"<td>{'computed' if computed else 'reused'}</td></tr>" for label, s, computed in times.rows]
     body += [f"<tr><th>total</th><th>{times.total():.0f} ({_minutes(times.total())})</th><th></th></tr></table>"]
-    (DEMO_DIR / "report.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>probe-distill demo</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}td,th{border:1px solid #ccc;"
-        "padding:4px 8px}table{border-collapse:collapse}</style>" + "\n".join(body))
-    return report
+    return ("<!doctype html><meta charset='utf-8'><title>probe-distill demo</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}td,th{border:1px solid #ccc;"
+            "padding:4px 8px}table{border-collapse:collapse}</style>" + "\n".join(body))
 
 
 def _inline_markdown_to_html(text: str) -> str:
