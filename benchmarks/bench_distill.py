@@ -116,7 +116,7 @@ def run_measurement(config: dict) -> dict:
         return done.last_json() if done.ok else {"error": done.reason()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--backbone", default="efficientnet-lite0")
@@ -128,16 +128,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-per-class", type=int, default=30, help="real images per class (at most 3000 in all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=None, help="where to keep the generated images and stores")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-
-    from featurestore.build import build
-
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_distill_"))
     print(f"bench_distill: {machine_line()}\nwork dir {work}", file=sys.stderr)
     configs = [parse_config(c) for c in args.configs]
+    rows = measure(configs, build_stores(configs, args, work), args)
+    md = write_bench(rows, args)
+    print("\n".join(md))
+    return 0
+
+
+def build_stores(configs: list[tuple[int, int, int]], args: argparse.Namespace, work: Path) -> dict[int, Path]:
+    """One store per number of classes, of procedural images written as PNG files: C -> its store."""
+    from featurestore.build import build
+
     stores: dict[int, Path] = {}
     for c in sorted({cfg[0] for cfg in configs}):
         data = work / f"images-{c}"
@@ -147,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         stores[c] = work / f"fs-{c}"
         build("imagefolder", args.backbone, stores[c], data_root=data, image_size=args.size, dtype="fp32",
               device=args.device, quiet=True)
+    return stores
 
+
+def measure(configs: list[tuple[int, int, int]], stores: dict[int, Path], args: argparse.Namespace) -> list[dict]:
+    """Every configuration in every mode, each a measured run in its own child process."""
     rows = []
     for c, ipc, augs in configs:
         m = c * ipc * augs
@@ -165,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             res = run_measurement(config)
             rows.append({"C": c, "ipc": ipc, "augs": augs, "M": m, "mode": mode, **res})
             print(f"    {res}", file=sys.stderr, flush=True)
+    return rows
 
+
+def write_bench(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """bench_distill.{json,md,png} in benchmarks/results; the markdown's parts."""
     summary = summarize(rows)
     payload = {"backbone": args.backbone, "size": args.size, "steps": args.steps, "rows": rows, "summary": summary}
     md = [f"Backbone `{args.backbone}` at {args.size} px; {args.steps} steps per run (median step time after "
@@ -179,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
           "\n## Summary\n", "```json\n" + json.dumps(summary, indent=2) + "\n```\n"]
     write_results("bench_distill", payload, "\n".join(md))
     plot(rows, RESULTS_DIR / "bench_distill.png")
-    print("\n".join(md))
-    return 0
+    return md
 
 
 def summarize(rows: list[dict]) -> dict:

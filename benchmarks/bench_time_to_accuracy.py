@@ -118,7 +118,7 @@ def plot(curves: dict[str, list[dict[str, float]]], finals: list[dict[str, Any]]
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400, help="steps of the end-to-end reference")
     parser.add_argument("--authors-steps", type=int, nargs="*", default=[2000])
@@ -130,13 +130,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if fashion_mnist_refused(args.data_root):
         return 2
     fashion_mnist_store([BACKBONE], args.store, args.data_root, args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     cache_path = args.work / "final-top1.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    finals, curves = run_plan(args, cache, cache_path)
+    start_top1 = store_start_top1(args, cache, cache_path)
+    budgets = [f for f in finals if f["run"].startswith("store-")]
+    comparisons = [compare(ref, budgets) for ref in finals if not ref["run"].startswith("store-")]
+    ratios = [c["ratio"] for c in comparisons]
+    summary = {"time_to_accuracy_ratio": None if None in ratios or not ratios else min(ratios),
+               "per_reference": comparisons, "store_start_top1": start_top1, "goal": ">= 10x"}
+    payload = {"backbone": BACKBONE, "image_size": IMAGE_SIZE, "augs": AUGS, "seeds": SEEDS, "finals": finals,
+               "curves": curves, "authors_recipe": AUTHORS, "summary": summary}
+    md = to_markdown(summary, comparisons, finals, curves, start_top1, args.eval_every)
+    plot(curves, finals, args.out_dir / "bench_time_to_accuracy.png")
+    json_path, md_path = write_results("bench_time_to_accuracy", payload, "\n".join(md), args.out_dir)
+    print(f"wrote {json_path} and {md_path}; time-to-accuracy ratio {summary['time_to_accuracy_ratio']}")
+    return 0
+
+
+def run_plan(args: argparse.Namespace, cache: dict[str, Any],
+             cache_path: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, float]]]]:
+    """The store's budgets, then the references, each distilled unless done and scored: the final points
+    and the references' cheap-probe curves."""
     plan = [(f"store-{b}", b, {}, 0) for b in args.budgets]
     plan += [(f"end-to-end-{args.steps}", args.steps, END_TO_END, args.eval_every)]
     plan += [(f"authors-{n}", n, AUTHORS, args.eval_every) for n in args.authors_steps]
@@ -151,21 +175,23 @@ def main(argv: list[str] | None = None) -> int:
         finals.append({"run": name, "steps": steps, "seconds": round(seconds, 1),
                        "seconds_per_step": round(seconds / steps, 3),
                        "top1": final_top1(args.store, out, args.device, cache, cache_path)})
-    # The store's start: the images its default --init centroid begins from (0 steps), so that a reader
-    # sees how much of a budget's accuracy is the start and how much the steps.
+    return finals, curves
+
+
+def store_start_top1(args: argparse.Namespace, cache: dict[str, Any], cache_path: Path) -> float:
+    """The score of the store's start: the images its default --init centroid begins from (0 steps), so that
+    a reader sees how much of a budget's accuracy is the start and how much the steps."""
     start_dir = args.work / "start-centroid"
     if not (start_dir / "baseline.json").is_file():
         from engine.baselines import make_baseline
 
         make_baseline(str(args.store), BACKBONE, "centroid", start_dir, device=args.device, quiet=True)
-    start_top1 = final_top1(args.store, start_dir, args.device, cache, cache_path)
-    budgets = [f for f in finals if f["run"].startswith("store-")]
-    comparisons = [compare(ref, budgets) for ref in finals if not ref["run"].startswith("store-")]
-    ratios = [c["ratio"] for c in comparisons]
-    summary = {"time_to_accuracy_ratio": None if None in ratios or not ratios else min(ratios),
-               "per_reference": comparisons, "store_start_top1": start_top1, "goal": ">= 10x"}
-    payload = {"backbone": BACKBONE, "image_size": IMAGE_SIZE, "augs": AUGS, "seeds": SEEDS, "finals": finals,
-               "curves": curves, "authors_recipe": AUTHORS, "summary": summary}
+    return final_top1(args.store, start_dir, args.device, cache, cache_path)
+
+
+def to_markdown(summary: dict[str, Any], comparisons: list[dict[str, Any]], finals: list[dict[str, Any]],
+                curves: dict[str, list[dict[str, float]]], start_top1: float, eval_every: int) -> list[str]:
+    """The markdown's parts: the setup, the comparison with each reference, the final points, the curves."""
     md = [f"LGM, Fashion-MNIST ({TRAIN_PER_CLASS} train images per class, the whole test split), {BACKBONE} at "
           f"{IMAGE_SIZE} px, ipc {IPC}, --augs {AUGS}, one seed. Final points: the authors' protocol, {SEEDS} probe "
           f"seeds. Seconds: distillation steps only, every run in one process after another on this machine. "
@@ -177,12 +203,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(goal >= 10x). The store's start (`--init centroid`: the real image nearest each class mean, 0 steps) "
           f"scores {start_top1} on its own.\n", "## Final points\n", markdown_table(finals)]
     for name, points in curves.items():
-        md.append(f"## {name}: cheap probe every {args.eval_every} steps\n\n" + markdown_table(points))
+        md.append(f"## {name}: cheap probe every {eval_every} steps\n\n" + markdown_table(points))
     md.append("![accuracy vs time](bench_time_to_accuracy.png)\n")
-    plot(curves, finals, args.out_dir / "bench_time_to_accuracy.png")
-    json_path, md_path = write_results("bench_time_to_accuracy", payload, "\n".join(md), args.out_dir)
-    print(f"wrote {json_path} and {md_path}; time-to-accuracy ratio {summary['time_to_accuracy_ratio']}")
-    return 0
+    return md
 
 
 if __name__ == "__main__":
