@@ -317,11 +317,11 @@ def _loss_summary(out: Path) -> str:
     rows = [r for r in records if "loss" in r]
     if not rows:
         return ""
-    probes = [r for r in records if "probe_top1" in r]
-    probe = f", cheap probe {probes[-1]['probe_top1']:.1f}% at the end" if probes else ""
+    quick_probes = [r for r in records if "probe_top1" in r]
+    quick_probe = f", cheap probe {quick_probes[-1]['probe_top1']:.1f}% at the end" if quick_probes else ""
     return (f"{len(rows)} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}, "
             f"{rows[-1]['seconds'] / max(len(rows), 1):.2f} s/step, peak memory "
-            f"{max(r.get('peak_memory_mb', 0) for r in rows):.0f} MB{probe}")
+            f"{max(r.get('peak_memory_mb', 0) for r in rows):.0f} MB{quick_probe}")
 
 
 def _minutes(seconds: float) -> str:

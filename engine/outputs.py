@@ -116,7 +116,7 @@ def save_grid(path: str | os.PathLike, images: Tensor, labels: Tensor, class_nam
 
 
 def save_loss_plot(path: str | os.PathLike, metrics: Sequence[dict[str, Any]], title: str) -> None:
-    """The loss per step (and its moving average); with --eval-every, the probe accuracy beside it."""
+    """The loss per step (and its moving average); with --eval-every, the quick probe's accuracy beside it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -124,8 +124,8 @@ def save_loss_plot(path: str | os.PathLike, metrics: Sequence[dict[str, Any]], t
 
     steps = [m["step"] for m in metrics if "loss" in m]
     losses = [m["loss"] for m in metrics if "loss" in m]
-    probes = [(m["step"], m["probe_top1"]) for m in metrics if "probe_top1" in m]
-    fig, axes = plt.subplots(1, 2 if probes else 1, figsize=(11 if probes else 6, 3.5), squeeze=False)
+    quick_probes = [(m["step"], m["probe_top1"]) for m in metrics if "probe_top1" in m]
+    fig, axes = plt.subplots(1, 2 if quick_probes else 1, figsize=(11 if quick_probes else 6, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.5, label="loss")
     if len(losses) >= 20:
@@ -142,9 +142,9 @@ def save_loss_plot(path: str | os.PathLike, metrics: Sequence[dict[str, Any]], t
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    if probes:
+    if quick_probes:
         ax = axes[0][1]
-        ax.plot([s for s, _ in probes], [p for _, p in probes], marker="o", color="tab:green")
+        ax.plot([s for s, _ in quick_probes], [p for _, p in quick_probes], marker="o", color="tab:green")
         ax.set_xlabel("step")
         ax.set_ylabel("probe top-1 (%)")
         ax.set_title("cheap probe on the store's val features (1 seed, 10 views, 300 epochs)", fontsize=9)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from engine.distill.checkpoint import save_checkpoint
 from engine.distill.config import DistillConfig, DistillError
-from engine.distill.members import PROBE_NOTE
+from engine.distill.members import QUICK_PROBE_NOTE
 from engine.distill.memory import peak_memory_mb, reset_peak_memory
 from engine.distill.outdir import (CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGES_DIR, LOSS_PLOT_FILE, METRICS_FILE,
                                    recheck_out_dir)
@@ -191,7 +191,7 @@ def steps(run: Run) -> None:
                             index += 1
                             drawn = False
                             record = _record_step(run, index, loss_value, member_losses, t0, clock)
-                        _probe_step(run, index, record, clock, bar, loss_value)
+                        _quick_probe_step(run, index, record, clock, bar, loss_value)
                     except KeyboardInterrupt:
                         _interrupted(run, index)
                     if "probe_top1" not in run.metrics[-1]:
@@ -232,24 +232,24 @@ def _record_step(run: Run, index: int, loss_value: float, member_losses: list[fl
     return record
 
 
-def _probe_step(run: Run, index: int, record: dict[str, Any], clock: Clock, bar, loss_value: float) -> None:
-    """--eval-every: probe the current images when due; its time is not distillation time."""
-    probes = [m for m in run.members if m.probe is not None]
-    if not probes or not (index % run.cfg.eval_every == 0 or index == run.cfg.steps):
+def _quick_probe_step(run: Run, index: int, record: dict[str, Any], clock: Clock, bar, loss_value: float) -> None:
+    """--eval-every: the quick probe of the current images when due; its time is not distillation time."""
+    members = [m for m in run.members if m.quick_probe is not None]
+    if not members or not (index % run.cfg.eval_every == 0 or index == run.cfg.steps):
         return
-    t_probe = time.perf_counter()
-    by_backbone = {m.name: round(m.probe(), 3) for m in probes}
+    started = time.perf_counter()
+    by_backbone = {m.name: round(m.quick_probe(), 3) for m in members}
     top1 = sum(by_backbone.values()) / len(by_backbone)
-    probe_seconds = time.perf_counter() - t_probe
-    clock.exclude(probe_seconds)
-    probed = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(probe_seconds, 3),
-              "seconds": record["seconds"]}
+    seconds = time.perf_counter() - started
+    clock.exclude(seconds)
+    entry = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(seconds, 3),
+             "seconds": record["seconds"]}
     if len(by_backbone) > 1:
-        probed["probe_top1_by_backbone"] = by_backbone
-    run.metrics.append(probed)
+        entry["probe_top1_by_backbone"] = by_backbone
+    run.metrics.append(entry)
     if run.main:
         with run.writes():
-            append_metric(run.out / METRICS_FILE, probed)
+            append_metric(run.out / METRICS_FILE, entry)
     bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
 
 
@@ -289,10 +289,10 @@ def finish(run: Run) -> DistillResult:
     run.config["steps_done"] = index
     losses = [m["loss"] for m in run.metrics if "loss" in m]
     run.config["final_loss"] = losses[-1] if losses else None
-    probes = [m for m in run.metrics if "probe_top1" in m]
-    if probes:
-        run.config["probe"] = {"final_top1": probes[-1]["probe_top1"], "at_step": probes[-1]["step"],
-                               "recipe": PROBE_NOTE}
+    quick_probes = [m for m in run.metrics if "probe_top1" in m]
+    if quick_probes:
+        run.config["probe"] = {"final_top1": quick_probes[-1]["probe_top1"], "at_step": quick_probes[-1]["step"],
+                               "recipe": QUICK_PROBE_NOTE}
     class_names = run.store.class_names
     if run.main:
         with run.writes():

@@ -1,5 +1,5 @@
 """The members of a run: one per --backbone, each its store split (the real side), its backbone pass of
-the synthetic copies, its weight in the loss and, with --eval-every, its probe."""
+the synthetic copies, its weight in the loss and, with --eval-every, its quick probe."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Member:
     copies_per_pass: int = 0
     pass_info: dict[str, Any] = field(default_factory=dict)
     real_batch_note: str = ""  # why the real side takes the batch it takes (`plan_real_batch`)
-    probe: Callable[[], float] | None = None  # --eval-every: top-1 of the current images (rank 0)
+    quick_probe: Callable[[], float] | None = None  # --eval-every: top-1 of the current images (rank 0)
     features: FeatureMap | None = None  # --feature-space: the map both sides pass through (None: raw)
 
     @property
@@ -81,13 +81,13 @@ def make_members(cfg: DistillConfig, ctx: DistContext, splits: list[Any],
     return members
 
 
-PROBE_NOTE = ("--eval-every: 1 seed, 10 cached views, 300 epochs, tested on the store's val features: a cheap "
-              "estimate; `engine eval` runs the full protocol")
+QUICK_PROBE_NOTE = ("--eval-every: 1 seed, 10 cached views, 300 epochs, tested on the store's val features: a cheap "
+                    "estimate; `engine eval` runs the full protocol")
 
 
-def member_probe(cfg: DistillConfig, ctx: DistContext, store, member: Member,
-                 synthetic) -> Callable[[], float] | None:
-    """The --eval-every probe of the current images on one backbone (rank 0 only; None on other ranks).
+def member_quick_probe(cfg: DistillConfig, ctx: DistContext, store, member: Member,
+                       synthetic) -> Callable[[], float] | None:
+    """The --eval-every quick probe of the current images on one backbone (rank 0 only; None on other ranks).
     It draws from its own generators, so a run's trajectory is the same with or without it."""
     from engine.evaluate import quick_probe
 
@@ -96,10 +96,10 @@ def member_probe(cfg: DistillConfig, ctx: DistContext, store, member: Member,
         return None
     val = val_split.load(view=0, device=ctx.device)
 
-    def probe() -> float:
+    def top1_now() -> float:
         with torch.no_grad():
             images = synthetic.images().detach()
         return quick_probe(member.backbone, images, synthetic.labels, val.features, val.labels, store.num_classes,
                            seed=cfg.seed)
 
-    return probe
+    return top1_now

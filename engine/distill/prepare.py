@@ -17,7 +17,7 @@ from engine.distill.backprop import resolve_copies_per_pass
 from engine.distill.checkpoint import load_checkpoint, read_checkpoint, store_id
 from engine.distill.config import (REAL_INITS, DistillConfig, DistillError, parse_chunk, parse_grow_every,
                                    parse_real_batch, resolve_lr)
-from engine.distill.members import Member, make_members, member_probe, open_splits
+from engine.distill.members import Member, make_members, member_quick_probe, open_splits
 from engine.distill.memory import check_memory
 from engine.distill.outdir import CHECKPOINT_FILE, check_out_dir
 from engine.distill.run import Run
@@ -231,14 +231,14 @@ def restored_start(checkpoint: dict[str, Any], synthetic: SyntheticImages, gener
 def size_passes(cfg: DistillConfig, ctx: DistContext, store, members: list[Member],
                 synthetic: SyntheticImages) -> list[range]:
     """Each member's copies per backbone pass (--chunk) for this rank's share of the copies, and its
-    --eval-every probe; returns every rank's share of the copies of a step."""
+    --eval-every quick probe; returns every rank's share of the copies of a step."""
     copies_per_step = members[0].side.copies(synthetic.n)
     shares = [contiguous_share(copies_per_step, r, ctx.world_size) for r in range(ctx.world_size)]
     for member in members:
         member.copies_per_pass, member.pass_info = resolve_copies_per_pass(
             parse_chunk(cfg.chunk), member.side, synthetic.images().detach(), copies=max(1, len(shares[ctx.rank])))
         if cfg.eval_every:
-            member.probe = member_probe(cfg, ctx, store, member, synthetic)
+            member.quick_probe = member_quick_probe(cfg, ctx, store, member, synthetic)
     return shares
 
 

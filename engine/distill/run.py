@@ -111,7 +111,7 @@ class Run:
 
 @dataclass
 class Clock:
-    """A run's distillation time: the seconds before a resume plus this process's, the probes' excluded."""
+    """A run's distillation time: the seconds before a resume plus this process's, the quick probes' excluded."""
 
     before: float
     start: float = field(default_factory=time.perf_counter)
