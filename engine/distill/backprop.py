@@ -116,7 +116,7 @@ class SyntheticSide:
         return loss.detach()
 
     def graph_bytes_per_copy(self, images: Tensor) -> int:
-        """Bytes autograd saves for one augmented copy's forward (a probe of two copies)."""
+        """Bytes autograd saves for one augmented copy's forward (measured on a trial forward of two copies)."""
         saved = 0
 
         def pack(t: Tensor) -> Tensor:
@@ -124,11 +124,11 @@ class SyntheticSide:
             saved += t.numel() * t.element_size()
             return t
 
-        probe = images[:1].detach().expand(2, -1, -1, -1).clone().requires_grad_(True)
+        trial = images[:1].detach().expand(2, -1, -1, -1).clone().requires_grad_(True)
         plan = [sample_params(1, torch.Generator().manual_seed(0), self.augment_config) for _ in range(2)] \
             if self.augment else None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self.features(probe, plan, 0, 2)
+            self.features(trial, plan, 0, 2)
         return max(1, saved // 2)
 
 
