@@ -128,13 +128,13 @@ def require_writable(path: str | os.PathLike, error: type[UserError] = UserError
         # mkdir on a dangling link fails with FileExistsError; following it would create its target.
         raise error(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: create that "
                     f"directory, remove the link, or choose another path")
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise error(f"{path}: {probe} is a file, not a directory: choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise error(f"{path}: {probe} is not writable by this user: choose a writable path")
+    existing = path  # the nearest part of the path that exists
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise error(f"{path}: {existing} is a file, not a directory: choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise error(f"{path}: {existing} is not writable by this user: choose a writable path")
 
 
 def _umask() -> int:

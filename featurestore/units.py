@@ -74,20 +74,20 @@ def check_writable(location: StoreLocation, backbone: str) -> None:
     path = location.local_path
     if path is None:
         return
-    probe = path
-    while not probe.exists() and not probe.is_symlink():
-        if probe.parent == probe:
+    existing = path  # the nearest part of the path that exists
+    while not existing.exists() and not existing.is_symlink():
+        if existing.parent == existing:
             break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        if probe == path:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == path:
             raise StoreError(f"{path} is a file, not a feature store: pass --store a folder path")
-        raise StoreError(f"cannot create store {path}: {probe} is a file, not a folder; pass --store a path "
+        raise StoreError(f"cannot create store {path}: {existing} is a file, not a folder; pass --store a path "
                          f"inside a folder")
-    folders = [probe] if probe != path else [path, path / backbone]
+    folders = [existing] if existing != path else [path, path / backbone]
     for folder in folders:
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-            action = "create the store in" if probe != path else "write to"
+            action = "create the store in" if existing != path else "write to"
             raise StoreError(f"cannot {action} {folder}: permission denied (read-only folder or file system); "
                              f"make it writable or pass another --store")
 
