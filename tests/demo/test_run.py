@@ -27,11 +27,3 @@ def test_demo_distills_fewer_steps_than_demo_full_unless_told():
     assert DEMO_STEPS < FULL_STEPS
     assert parse_args(["--full", "--steps", "8"]).steps == 8
 
-
-def test_report_html_table_is_the_top1_table_of_eval_md():
-    from demo.run import _markdown_table_to_html
-
-    md = ("### top-1\n\n| set | a |\n|---|---|\n| LGM | 71.0 |\n\n### top-5\n\n| set | a |\n|---|---|\n"
-          "| LGM | 99.0 |\n")
-    table = _markdown_table_to_html(md)
-    assert "71.0" in table and "99.0" not in table and table.count("<th>") == 2
