@@ -187,11 +187,11 @@ def steps(run: Run) -> None:
                         raise run.nonfinite_loss(loss_value, index)
                     try:
                         with (defer_sigint() if not run.ctx.is_distributed else nullcontext()):
-                            run.optimizer.step()
+                            run.optimizer_step(index)
                             index += 1
                             drawn = False
                             record = _record_step(run, index, loss_value, member_losses, t0, clock)
-                        _quick_probe_step(run, index, record, clock, bar, loss_value)
+                        run.quick_probe_if_due(index, record, clock, bar, loss_value)
                     except KeyboardInterrupt:
                         _interrupted(run, index)
                     if "probe_top1" not in run.metrics[-1]:
@@ -216,7 +216,7 @@ def _record_step(run: Run, index: int, loss_value: float, member_losses: list[fl
                  clock: Clock) -> dict[str, Any]:
     """Step `index` (1-based, just applied) into metrics.jsonl, and its checkpoint when one is due."""
     now = time.perf_counter()
-    record = {"step": index, "loss": loss_value, "step_seconds": round(now - t0, 6),
+    record = {"step": index, "loss": loss_value, "lr": run.lr_at(index - 1), "step_seconds": round(now - t0, 6),
               "seconds": round(clock.seconds(now), 6),
               "peak_memory_mb": round(peak_memory_mb(run.ctx.device), 2)}
     if len(run.members) > 1:
@@ -230,27 +230,6 @@ def _record_step(run: Run, index: int, loss_value: float, member_losses: list[fl
     if index % run.cfg.checkpoint_every == 0 or index == run.cfg.steps:
         save(run, index)
     return record
-
-
-def _quick_probe_step(run: Run, index: int, record: dict[str, Any], clock: Clock, bar, loss_value: float) -> None:
-    """--eval-every: the quick probe of the current images when due; its time is not distillation time."""
-    members = [m for m in run.members if m.quick_probe is not None]
-    if not members or not (index % run.cfg.eval_every == 0 or index == run.cfg.steps):
-        return
-    started = time.perf_counter()
-    by_backbone = {m.name: round(m.quick_probe(), 3) for m in members}
-    top1 = sum(by_backbone.values()) / len(by_backbone)
-    seconds = time.perf_counter() - started
-    clock.exclude(seconds)
-    entry = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(seconds, 3),
-             "seconds": record["seconds"]}
-    if len(by_backbone) > 1:
-        entry["probe_top1_by_backbone"] = by_backbone
-    run.metrics.append(entry)
-    if run.main:
-        with run.writes():
-            append_metric(run.out / METRICS_FILE, entry)
-    bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
 
 
 def _interrupted(run: Run, index: int) -> None:

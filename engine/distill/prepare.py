@@ -63,7 +63,8 @@ def prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     return Run(cfg=cfg, ctx=ctx, out=out, store=store, members=members, objective=objective,
                lr_history=start.lr_history, resolved=options.record, generators=generators, synthetic=synthetic,
                optimizer=start.optimizer, config=config, metrics=start.metrics, start_step=start.start_step,
-               resumed=checkpoint is not None, last_saved=start.start_step if checkpoint is not None else None)
+               resumed=checkpoint is not None, last_saved=start.start_step if checkpoint is not None else None,
+               lr_schedule=cfg.lr_schedule)
 
 
 @dataclass
@@ -261,6 +262,7 @@ def run_config(cfg: DistillConfig, ctx: DistContext, store, objective: Objective
                                                     if grows(cfg) else 0)},
         "augmentation": {"enabled": cfg.augment, **AugmentConfig().to_json(), "synthetic_copies": members[0].side.augs},
         "optimizer": {"name": "Adam", "lr": lr, "lr_option": cfg.lr, "lr_history": start.lr_history,
+                      "lr_schedule": cfg.lr_schedule,
                       "reset_on_pyramid_growth": cfg.param == "pyramid"},
         "device": str(device), "amp": "bf16 autocast (backbone forward)" if device.type == "cuda" else "fp32",
         "class_names": store.class_names, "class_folders": class_folder_names(store.class_names),

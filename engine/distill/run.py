@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 
 from engine.distill.checkpoint import run_identity
-from engine.distill.config import DistillConfig, DistillError, NonFiniteLossError
+from engine.distill.config import DistillConfig, DistillError, NonFiniteLossError, scheduled_lr
 from engine.distill.members import Member
+from engine.distill.outdir import METRICS_FILE
 from engine.objectives import Objective
 from engine.parameterizations import SyntheticImages
 from featurestore.distributed import DistContext
+from engine.outputs import append_metric
 from featurestore.runtime import write_errors
 
 
@@ -53,6 +55,7 @@ class Run:
     lr_history: list[dict[str, Any]]
     resolved: dict[str, Any]  # what the automatic options resolved to (grow_every, real_batch)
     last_saved: int | None = None
+    lr_schedule: str = "constant"  # --lr-schedule
 
     @property
     def main(self) -> bool:
@@ -61,6 +64,37 @@ class Run:
     @property
     def splits(self) -> list[Any]:
         return [m.split for m in self.members]
+
+    def lr_at(self, index: int) -> float:
+        """The rate of step `index` (0-based): the current base rate (--lr, changed on a resume from the
+        step it was given), scheduled over the run's --steps."""
+        return scheduled_lr(self.lr_history[-1]["lr"], self.lr_schedule, index, self.cfg.steps)
+
+    def optimizer_step(self, index: int) -> None:
+        """Adam's update of step `index` (0-based) at its scheduled rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(index)
+        self.optimizer.step()
+
+    def quick_probe_if_due(self, index: int, record: dict[str, Any], clock: Clock, bar, loss_value: float) -> None:
+        """--eval-every: the quick probe of the current images when due; its time is not distillation time."""
+        members = [m for m in self.members if m.quick_probe is not None]
+        if not members or not (index % self.cfg.eval_every == 0 or index == self.cfg.steps):
+            return
+        started = time.perf_counter()
+        by_backbone = {m.name: round(m.quick_probe(), 3) for m in members}
+        top1 = sum(by_backbone.values()) / len(by_backbone)
+        seconds = time.perf_counter() - started
+        clock.exclude(seconds)
+        entry = {"step": index, "probe_top1": round(top1, 3), "probe_seconds": round(seconds, 3),
+                 "seconds": record["seconds"]}
+        if len(by_backbone) > 1:
+            entry["probe_top1_by_backbone"] = by_backbone
+        self.metrics.append(entry)
+        if self.main:
+            with self.writes():
+                append_metric(self.out / METRICS_FILE, entry)
+        bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
 
     def writes(self):
         """Around every write into --out: an OSError (disk full, permission lost) becomes one line saying

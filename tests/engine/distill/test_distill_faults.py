@@ -547,6 +547,47 @@ def test_lr_auto_keeps_the_authors_total_movement():
             resolve_lr(bad, 100)
 
 
+def test_scheduled_lr_is_constant_or_a_cosine_decay_over_the_steps():
+    from engine.distill.config import scheduled_lr
+
+    assert [scheduled_lr(1.0, "cosine", t, 4) for t in range(4)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447],
+                                                                                  abs=1e-6)
+    assert scheduled_lr(0.3, "constant", 3, 4) == 0.3
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_scheduled_rate_is_the_one_adam_steps_with(store, tmp_path, schedule):
+    """metrics.jsonl records each step's rate; the checkpoint's optimizer holds the last step's; the
+    default is the authors' constant rate."""
+    out = tmp_path / schedule
+    options = {} if schedule == "constant" else {"lr_schedule": "cosine"}
+    cosine_rates = [1e-3 * 0.5 * (1 + np.cos(np.pi * t / 7)) for t in range(7)]
+    distill(_config(store, out, steps=7, lr=1e-3, **options))
+    rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = cosine_rates if schedule == "cosine" else [1e-3] * 7
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert json.loads((out / "config.json").read_text())["optimizer"]["lr_schedule"] == schedule
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected[-1], rel=1e-12)
+    if schedule == "cosine":
+        # The schedule reaches the update: the constant run moved the images differently.
+        constant = distill(_config(store, tmp_path / "c", steps=7, lr=1e-3))
+        cosine = distill(_config(store, tmp_path / "again", steps=7, lr=1e-3, lr_schedule="cosine"))
+        assert not torch.equal(constant.images, cosine.images)
+        # Extended with --resume and a larger --steps, the remaining steps take the longer schedule's rates.
+        distill(_config(store, out, steps=8, lr=1e-3, lr_schedule="cosine", resume=True))
+        rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rates[:7] == pytest.approx(cosine_rates, rel=1e-12)
+        assert rates[7] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 7 / 8)), rel=1e-12)
+
+
+def test_bad_lr_schedule_is_one_line_and_writes_nothing(store, tmp_path):
+    out = tmp_path / "bad"
+    line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
+                                "--lr-schedule", "linear", "--quiet", "--device", "cpu"))
+    assert "--lr-schedule must be constant or cosine, got 'linear'" in line and not out.exists()
+
+
 def test_a_checkpoint_made_under_the_old_default_init_is_refused_naming_it(store, tmp_path):
     """The default --init changed (noise -> zero -> centroid): a run checkpointed with an old default, resumed
     with the same command line (so now --init centroid), must not continue as a run of another init."""
