@@ -144,13 +144,18 @@ class Diag:
 # of sampling error instead of +-1.6.
 TARGETS = ("lgm-effnet-centroid-1000", "lgm-dinov2-centroid-1000", "lgm-both-centroid-1000")
 TARGET_SEEDS = 5
+# Read beside them on the whole split: the 300-step efficientnet-lite0 sets (how transfer moves with steps;
+# lgm-effnet-raw-300 is the defaults at 300 steps).
+WHOLE_VAL_CONTEXT = ("lgm-effnet-raw-300", "lgm-effnet-centroid-300", "lgm-effnet-per-class-300",
+                     "lgm-effnet-standardized-300", "lgm-effnet-centroid-augs10-300")
 
 
 def whole_val_rows(diag: Diag, work: Path) -> list[dict[str, Any]]:
     diag.build_whole_val()
     sets = {"centroid-effnet": diag.baseline("centroid", EFFNET), "centroid-dinov2": diag.baseline("centroid", DINOV2),
             "random": diag.baseline("random", EFFNET)}
-    sets.update({name: work / "runs" / name / "images" for name in TARGETS if (work / "runs" / name / "images").is_dir()})
+    sets.update({name: work / "runs" / name / "images" for name in TARGETS + WHOLE_VAL_CONTEXT
+                 if (work / "runs" / name / "images").is_dir()})
     return [{"set": name, **diag.evaluate(name, images, TARGET_SEEDS, store="whole-val")} for name, images in sets.items()]
 
 
