@@ -31,10 +31,10 @@ from benchmarks.harness import distill_unless_done, fashion_mnist_refused
 from engine.distill.outdir import IMAGES_DIR, METRICS_FILE
 from featurestore.runtime import atomic_write_json
 
-EFFNET, DINOV2, NSFW = "efficientnet-lite0", "dinov2-vits14-imgfocus", "opennsfw-resnet50"
-EVAL_BACKBONES = (EFFNET, DINOV2, NSFW)
-SHORT = {EFFNET: "effnet", DINOV2: "dinov2", NSFW: "nsfw-r50"}
-TRAIN_PER_CLASS, IMAGE_SIZE, AUGS, STEPS, SEEDS = 500, 112, 2, 1000, 5
+# The same data, sizes and backbones as diag_defaults (its stores are shared through --work).
+from benchmarks.diag_defaults import AUGS, DINOV2, EFFNET, EVAL_BACKBONES, IMAGE_SIZE, SHORT, TRAIN_PER_CLASS
+
+STEPS, SEEDS = 1000, 5
 BOTH = [EFFNET, DINOV2]
 
 # name -> (backbones distilled on, --lr-schedule, --seed)
