@@ -32,6 +32,7 @@ from engine.distill.outdir import IMAGES_DIR, METRICS_FILE
 from featurestore.runtime import atomic_write_json
 
 # The same data, sizes and backbones as diag_defaults (its stores are shared through --work).
+from benchmarks import diag_defaults
 from benchmarks.diag_defaults import AUGS, DINOV2, EFFNET, EVAL_BACKBONES, IMAGE_SIZE, SHORT, TRAIN_PER_CLASS
 
 STEPS, SEEDS = 1000, 5
@@ -50,13 +51,15 @@ RUNS: dict[str, tuple[list[str], str, int]] = {
 }
 
 
-class Diag:
+class Diag(diag_defaults.Diag):
+    """diag_defaults' stores, baselines and whole-split build (the same folders under --work), with this
+    diagnostic's runs and its own evaluation cache (whole test split only)."""
+
     def __init__(self, work: Path, data_root: str | None) -> None:
-        self.work = work
-        self.data_root = data_root
-        self.train_store, self.val_store = work / "fs-screen", work / "fs-fullval"
+        super().__init__(work, data_root)
+        self.train_store, self.val_store = self.stores["main"], self.stores["whole-val"]
         self.cache_path = work / "eval-cache-lr-schedule.json"
-        self.cache: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
+        self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
 
     def log(self, text: str) -> None:
         print(f"[diag_lr_schedule {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -68,9 +71,7 @@ class Diag:
         for backbone in BOTH:
             build("fashion-mnist", backbone, self.train_store, splits=["train"], limit_per_class=TRAIN_PER_CLASS,
                   data_root=self.data_root, image_size=IMAGE_SIZE, quiet=True)
-        for backbone in EVAL_BACKBONES:
-            build("fashion-mnist", backbone, self.val_store, splits=["val"], data_root=self.data_root,
-                  image_size=IMAGE_SIZE, quiet=True)
+        self.build_whole_val()
 
     def distill(self, name: str) -> Path:
         backbones, schedule, seed = RUNS[name]
@@ -79,14 +80,6 @@ class Diag:
         distill_unless_done(out, {"store": str(self.train_store), "backbone": backbones, "steps": STEPS,
                                   "augs": AUGS, "lr_schedule": schedule, "seed": seed, "quiet": True})
         return out
-
-    def baseline(self, kind: str, backbone: str) -> Path:
-        from engine.baselines import make_baseline
-
-        out = self.work / "baselines" / f"{kind}-{SHORT[backbone]}"
-        if not (out / "baseline.json").is_file():
-            make_baseline(str(self.train_store), backbone, kind, out, quiet=True)
-        return out / IMAGES_DIR
 
     def evaluate(self, name: str, images: Path) -> dict[str, float]:
         from engine.evaluate import evaluate
