@@ -18,7 +18,7 @@ INITS = ("noise", "zero", "real", "centroid")
 REAL_INITS = ("real", "centroid")
 REAL_SOURCES = ("store", "images")
 FEATURE_SPACES = ("raw", "standardized")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
 
 
 class DistillError(UserError):
@@ -51,9 +51,10 @@ class DistillConfig:
                                      "(--init centroid or real) the authors' 2e-3 at any budget; from grey or noise "
                                      "10 / --steps, at most 0.05 (the authors' 2e-3 at their 5000 steps: the same "
                                      "total movement at any budget).")
-    lr_schedule: str = option("constant", "How the rate changes over --steps: constant (the authors'), or cosine "
-                                          "(lr x (1 + cos(pi t / steps)) / 2 at step t, ~0 at the last step): more "
-                                          "transfer to other backbones, less gain on a ViT's own probe (README, Quality).")
+    lr_schedule: str = option("plateau", "How the rate changes over --steps: plateau (halved once the set's fit to "
+                                         "the stored train features stops improving: a check every 50 steps), "
+                                         "constant (the authors'), or cosine (lr x (1 + cos(pi t / steps)) / 2 at "
+                                         "step t). README, Quality: the rate's schedule.")
     augs: int = option(10, "Augmented copies of every synthetic image per step.")
     real_batch: int | str = option("auto", "Real rows per step: auto (every row when the whole split's gradient "
                                            "fits the compute and memory budget, else the largest sample that fits), "
@@ -205,12 +206,45 @@ def resolve_lr(value: float | str, steps: int, init: str = "zero") -> float:
 # backbone's own accuracy stopped rising, and efficientnet-lite0's set loses transfer to DINOv2 on the way (1000
 # steps, Fashion-MNIST, whole test split: 47.2 on DINOv2 at a constant 2e-3 against 49.3 after 300 steps). A
 # cosine decay damps the late movement: 48.3; but DINOv2's own set needs that movement (52.0 constant, 51.0
-# cosine; its centroid start 48.8). Neither schedule wins on every backbone, so the default stays the
-# authors' constant rate (benchmarks/results/diag_lr_schedule.md).
-def scheduled_lr(base: float, schedule: str, index: int, steps: int) -> float:
-    """The rate of step `index` (0-based) of a `steps`-step run: `base`, or its cosine decay."""
+# cosine; its centroid start 48.8): a decay fixed in advance cannot serve both. `plateau` reads the run
+# instead: it halves the rate once the set's own fit (a quick probe of the current images, scored on stored
+# train features) stops improving (benchmarks/results/diag_lr_schedule.md).
+@dataclass(frozen=True)
+class PlateauRule:
+    """--lr-schedule plateau: every `every` steps, the current images' fit (`engine.evaluate.set_fit`: the
+    cross-entropy on stored train features of probes trained on the images; over several backbones, their
+    mean weighted as the loss); after `patience` checks without a new best lower by `rel_delta` of it, the
+    rate is multiplied by `factor` (PyTorch's ReduceLROnPlateau, mode min, relative threshold)."""
+
+    every: int = 50
+    patience: int = 3
+    factor: float = 0.5
+    rel_delta: float = 1e-3
+    rows: int = 10_000  # stored train rows the fit is scored on (evenly spaced over the split)
+
+    def scale(self, fits: list[float]) -> float:
+        """The factor on the base rate after the checks `fits` (losses, in order)."""
+        best, bad, scale = math.inf, 0, 1.0
+        for fit in fits:
+            if fit < best * (1.0 - self.rel_delta):
+                best, bad = fit, 0
+            else:
+                bad += 1
+                if bad >= self.patience:
+                    scale, bad = scale * self.factor, 0
+        return scale
+
+
+PLATEAU = PlateauRule()
+
+
+def scheduled_lr(base: float, schedule: str, index: int, steps: int, plateau_scale: float = 1.0) -> float:
+    """The rate of step `index` (0-based) of a `steps`-step run: `base`, its cosine decay, or `base` times
+    the plateau rule's factor so far."""
     if schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * index / steps))
+    if schedule == "plateau":
+        return base * plateau_scale
     return base
 
 

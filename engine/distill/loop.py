@@ -171,6 +171,7 @@ def steps(run: Run) -> None:
         with signals as stop_requested:
             try:
                 while index < cfg.steps:
+                    run.fit_check_if_due(index, clock)
                     states = run.step_draws()
                     t0 = time.perf_counter()
                     try:

@@ -31,6 +31,7 @@ class Member:
     pass_info: dict[str, Any] = field(default_factory=dict)
     real_batch_note: str = ""  # why the real side takes the batch it takes (`plan_real_batch`)
     quick_probe: Callable[[], float] | None = None  # --eval-every: top-1 of the current images (rank 0)
+    fit: Callable[[], tuple[float, float]] | None = None  # --lr-schedule plateau: the images' fit (rank 0)
     features: FeatureMap | None = None  # --feature-space: the map both sides pass through (None: raw)
 
     @property
@@ -103,3 +104,27 @@ def member_quick_probe(cfg: DistillConfig, ctx: DistContext, store, member: Memb
                            seed=cfg.seed)
 
     return top1_now
+
+
+def member_fit(cfg: DistillConfig, ctx: DistContext, store, member: Member,
+               synthetic) -> Callable[[], tuple[float, float]] | None:
+    """--lr-schedule plateau: the fit (cross-entropy, top-1 %) of the current images on at most
+    PLATEAU.rows of this backbone's stored train features, evenly spaced over the split (rank 0 only; None
+    on other ranks). Its own generators: the run's draws are the same with or without it."""
+    import numpy as np
+
+    from engine.distill.config import PLATEAU
+    from engine.evaluate import set_fit
+
+    if not ctx.is_main:
+        return None
+    rows = np.unique(np.linspace(0, member.split.n - 1, min(member.split.n, PLATEAU.rows)).round().astype(np.int64))
+    real = member.split.load(view=0, device=ctx.device, rows=rows)
+
+    def fit_now() -> tuple[float, float]:
+        with torch.no_grad():
+            images = synthetic.images().detach()
+        return set_fit(member.backbone, images, synthetic.labels, real.features, real.labels, store.num_classes,
+                       seed=cfg.seed)
+
+    return fit_now

@@ -17,7 +17,7 @@ from engine.distill.backprop import resolve_copies_per_pass
 from engine.distill.checkpoint import load_checkpoint, read_checkpoint, store_id
 from engine.distill.config import (REAL_INITS, DistillConfig, DistillError, parse_chunk, parse_grow_every,
                                    parse_real_batch, resolve_lr)
-from engine.distill.members import Member, make_members, member_quick_probe, open_splits
+from engine.distill.members import Member, make_members, member_fit, member_quick_probe, open_splits
 from engine.distill.memory import check_memory
 from engine.distill.outdir import CHECKPOINT_FILE, check_out_dir
 from engine.distill.run import Run
@@ -240,6 +240,8 @@ def size_passes(cfg: DistillConfig, ctx: DistContext, store, members: list[Membe
             parse_chunk(cfg.chunk), member.side, synthetic.images().detach(), copies=max(1, len(shares[ctx.rank])))
         if cfg.eval_every:
             member.quick_probe = member_quick_probe(cfg, ctx, store, member, synthetic)
+        if cfg.lr_schedule == "plateau":
+            member.fit = member_fit(cfg, ctx, store, member, synthetic)
     return shares
 
 

@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 
 from engine.distill.checkpoint import run_identity
-from engine.distill.config import DistillConfig, DistillError, NonFiniteLossError, scheduled_lr
+from engine.distill.config import PLATEAU, DistillConfig, DistillError, NonFiniteLossError, scheduled_lr
 from engine.distill.members import Member
 from engine.distill.outdir import METRICS_FILE
 from engine.objectives import Objective
 from engine.parameterizations import SyntheticImages
-from featurestore.distributed import DistContext
+from featurestore.distributed import DistContext, broadcast_object
 from engine.outputs import append_metric
 from featurestore.runtime import write_errors
 
@@ -57,6 +57,12 @@ class Run:
     last_saved: int | None = None
     lr_schedule: str = "constant"  # --lr-schedule
 
+    plateau_scale: float = 1.0  # --lr-schedule plateau: the factor on the base rate after the checks so far
+
+    def __post_init__(self) -> None:
+        # A resumed run continues the schedule of the checks its checkpoint's metrics hold.
+        self.plateau_scale = PLATEAU.scale([m["fit_loss"] for m in self.metrics if "fit_loss" in m])
+
     @property
     def main(self) -> bool:
         return self.ctx.is_main
@@ -68,7 +74,8 @@ class Run:
     def lr_at(self, index: int) -> float:
         """The rate of step `index` (0-based): the current base rate (--lr, changed on a resume from the
         step it was given), scheduled over the run's --steps."""
-        return scheduled_lr(self.lr_history[-1]["lr"], self.lr_schedule, index, self.cfg.steps)
+        return scheduled_lr(self.lr_history[-1]["lr"], self.lr_schedule, index, self.cfg.steps,
+                            self.plateau_scale if self.lr_schedule == "plateau" else 1.0)
 
     def optimizer_step(self, index: int) -> None:
         """Adam's update of step `index` (0-based) at its scheduled rate."""
@@ -95,6 +102,30 @@ class Run:
             with self.writes():
                 append_metric(self.out / METRICS_FILE, entry)
         bar.set_postfix(loss=f"{loss_value:.4f}", probe=f"{top1:.1f}%", refresh=False)
+
+    def fit_check_if_due(self, index: int, clock: Clock) -> None:
+        """--lr-schedule plateau, before step `index` (0-based) when due (every PLATEAU.every steps, not at
+        the start or the end, once: a checkpoint taken after it holds it): the current images' fit, computed
+        by rank 0 and sent to the others. Its time is distillation time: the schedule needs it."""
+        if (self.lr_schedule != "plateau" or index == 0 or index % PLATEAU.every or index >= self.cfg.steps
+                or any(m.get("step") == index and "fit_loss" in m for m in self.metrics)):
+            return
+        started = time.perf_counter()
+        fits = {m.name: m.fit() for m in self.members} if self.main else None
+        fits = broadcast_object(fits)
+        weights = [m.weight for m in self.members]  # the loss's weights (they sum to 1)
+        entry = {"step": index, "fit_loss": round(sum(w * loss for w, (loss, _) in zip(weights, fits.values())), 6),
+                 "fit_top1": round(sum(w * top1 for w, (_, top1) in zip(weights, fits.values())), 3),
+                 "fit_seconds": round(time.perf_counter() - started, 3),
+                 "seconds": round(clock.seconds(time.perf_counter()), 6)}
+        if len(fits) > 1:
+            entry["fit_by_backbone"] = {name: {"loss": round(loss, 6), "top1": round(top1, 3)}
+                                        for name, (loss, top1) in fits.items()}
+        self.metrics.append(entry)
+        self.plateau_scale = entry["lr_scale"] = PLATEAU.scale([m["fit_loss"] for m in self.metrics if "fit_loss" in m])
+        if self.main:
+            with self.writes():
+                append_metric(self.out / METRICS_FILE, entry)
 
     def writes(self):
         """Around every write into --out: an OSError (disk full, permission lost) becomes one line saying

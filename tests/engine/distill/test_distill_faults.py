@@ -557,10 +557,9 @@ def test_scheduled_lr_is_constant_or_a_cosine_decay_over_the_steps():
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_the_scheduled_rate_is_the_one_adam_steps_with(store, tmp_path, schedule):
-    """metrics.jsonl records each step's rate; the checkpoint's optimizer holds the last step's; the
-    default is the authors' constant rate."""
+    """metrics.jsonl records each step's rate; the checkpoint's optimizer holds the last step's."""
     out = tmp_path / schedule
-    options = {} if schedule == "constant" else {"lr_schedule": "cosine"}
+    options = {"lr_schedule": schedule}
     cosine_rates = [1e-3 * 0.5 * (1 + np.cos(np.pi * t / 7)) for t in range(7)]
     distill(_config(store, out, steps=7, lr=1e-3, **options))
     rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -581,11 +580,69 @@ def test_the_scheduled_rate_is_the_one_adam_steps_with(store, tmp_path, schedule
         assert rates[7] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 7 / 8)), rel=1e-12)
 
 
+@pytest.mark.parametrize("patience", [1, 2, 3, 5])
+def test_the_plateau_rule_is_pytorchs_reduce_on_plateau(patience):
+    """PlateauRule.scale against torch.optim.lr_scheduler.ReduceLROnPlateau (mode min, relative threshold,
+    no cooldown; its `patience` counts the bad checks it tolerates, ours the bad checks that reduce)."""
+    from engine.distill.config import PlateauRule
+
+    rule = PlateauRule(patience=patience, factor=0.5, rel_delta=1e-3)
+    fits = (1.0 + 0.01 * torch.randn(40, generator=torch.Generator().manual_seed(patience))).tolist()
+    fits[5:9] = [0.9, 0.8999, 0.95, 0.8990]  # a clear gain, a gain below the threshold, a loss, a gain at it
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=patience - 1,
+                                                           threshold=1e-3, threshold_mode="rel", min_lr=0.0, eps=0.0)
+    for i, fit in enumerate(fits):
+        reference.step(fit)
+        assert rule.scale(fits[:i + 1]) == opt.param_groups[0]["lr"], i
+    assert opt.param_groups[0]["lr"] < 1.0  # the reference did reduce: the comparison covers reductions
+
+
+def test_the_plateau_schedule_halves_the_rate_after_its_checks_and_resumes_the_same(store, tmp_path, monkeypatch):
+    """--lr-schedule plateau: a fit entry every `every` steps (cross-entropy and top-1 of probes of the
+    current images on the stored train features); the rate after each check is the base times the rule's
+    scale of the fits so far; a run extended with --resume takes the same schedule and images as a straight run."""
+    from engine.distill import config as config_module, run as run_module
+    from engine.distill.config import PlateauRule
+
+    # Every check after the first is "no gain" (a gain must halve the loss): the rate halves at every check.
+    rule = PlateauRule(every=2, patience=1, factor=0.5, rel_delta=0.5)
+    monkeypatch.setattr(config_module, "PLATEAU", rule)
+    monkeypatch.setattr(run_module, "PLATEAU", rule)
+    straight = distill(_config(store, tmp_path / "straight", steps=9, lr=1e-3, lr_schedule="plateau"))
+    lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    fits = [m for m in lines if "fit_loss" in m]
+    assert [m["step"] for m in fits] == [2, 4, 6, 8]
+    assert all(0 < m["fit_loss"] < 20 and 0 <= m["fit_top1"] <= 100 and m["fit_seconds"] >= 0 for m in fits)
+    assert [m["lr_scale"] for m in fits] == [1.0, 0.5, 0.25, 0.125]
+    rates = [m["lr"] for m in lines if "loss" in m]
+    assert rates == pytest.approx([1e-3] * 4 + [5e-4] * 2 + [2.5e-4] * 2 + [1.25e-4], rel=1e-12)
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["optimizer"]["lr_schedule"] == "plateau"
+    # The checks draw from their own generators: until the rate first changes, the run is the constant one.
+    never = PlateauRule(every=2, patience=100)
+    monkeypatch.setattr(config_module, "PLATEAU", never)
+    monkeypatch.setattr(run_module, "PLATEAU", never)
+    unchanged = distill(_config(store, tmp_path / "unchanged", steps=9, lr=1e-3, lr_schedule="plateau"))
+    constant = distill(_config(store, tmp_path / "constant", steps=9, lr=1e-3, lr_schedule="constant"))
+    assert torch.equal(unchanged.images, constant.images) and not torch.equal(unchanged.images, straight.images)
+    monkeypatch.setattr(config_module, "PLATEAU", rule)
+    monkeypatch.setattr(run_module, "PLATEAU", rule)
+    # The default: a run without --lr-schedule is this one.
+    default = distill(_config(store, tmp_path / "default", steps=9, lr=1e-3))
+    assert default.config["optimizer"]["lr_schedule"] == "plateau" and torch.equal(default.images, straight.images)
+    # The check runs once per due step: not again when a run stopped after it is resumed.
+    distill(_config(store, tmp_path / "extended", steps=5, lr=1e-3, lr_schedule="plateau"))
+    extended = distill(_config(store, tmp_path / "extended", steps=9, lr=1e-3, lr_schedule="plateau", resume=True))
+    again = [json.loads(line) for line in (tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in again if "fit_loss" in m] == [2, 4, 6, 8]
+    assert torch.equal(extended.images, straight.images)
+
+
 def test_bad_lr_schedule_is_one_line_and_writes_nothing(store, tmp_path):
     out = tmp_path / "bad"
     line = _one_line_error(_cli("distill", "--store", str(store), "--backbone", BACKBONE, "--out", str(out),
                                 "--lr-schedule", "linear", "--quiet", "--device", "cpu"))
-    assert "--lr-schedule must be constant or cosine, got 'linear'" in line and not out.exists()
+    assert "--lr-schedule must be constant or cosine or plateau, got 'linear'" in line and not out.exists()
 
 
 def test_a_checkpoint_made_under_the_old_default_init_is_refused_naming_it(store, tmp_path):
