@@ -142,6 +142,16 @@ def _worker(rank: int, port: int, store: str, tmp: str) -> None:
     results["run"] = {"images": run.images, "losses": run.losses, "rank": run.rank, "world": run.world_size,
                       "writes": dict(writes)}
 
+    # --lr-schedule plateau: rank 0 reads the fit, every rank takes the same rate (a rule that halves it at
+    # every check after the first).
+    import engine.distill.config
+    import engine.distill.run
+    rule = engine.distill.config.PlateauRule(every=2, patience=1, factor=0.5, rel_delta=0.5)
+    engine.distill.config.PLATEAU = engine.distill.run.PLATEAU = rule
+    plateau = distill_module.distill(_config(store_path, tmp_path / "plateau", lr_schedule="plateau"))
+    engine.distill.config.PLATEAU = engine.distill.run.PLATEAU = engine.distill.config.PlateauRule()
+    results["plateau"] = {"images": plateau.images, "losses": plateau.losses}
+
     # Ctrl-C on rank 1 during step 3: both ranks stop after step 2; then resume to the end.
     def interrupt(call, loss):
         if rank == 1 and call == 3:
@@ -244,6 +254,24 @@ def test_distributed_run_matches_single_process_and_rank_0_writes_once(distribut
     extended = distill(_config(store, dist_out, steps=9, resume=True))
     straight = distill(_config(store, tmp_path / "single5", steps=9))
     torch.testing.assert_close(extended.images, straight.images, atol=1e-5, rtol=0)
+
+
+def test_the_plateau_schedule_takes_rank_0s_fit_on_every_rank(distributed_results, store, tmp_path, monkeypatch):
+    """Under torchrun the fit is read by rank 0 and sent to the others: every rank steps at the same rates,
+    the run is the single-process one (within the all-reduce's rounding)."""
+    from engine.distill import config as config_module, distill, run as run_module
+
+    tmp, ranks = distributed_results
+    assert torch.equal(ranks[0]["plateau"]["images"], ranks[1]["plateau"]["images"])
+    lines = [json.loads(x) for x in (tmp / "plateau" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["lr_scale"]) for m in lines if "fit_loss" in m] == [(2, 1.0), (4, 0.5), (6, 0.25)]
+    rule = config_module.PlateauRule(every=2, patience=1, factor=0.5, rel_delta=0.5)
+    monkeypatch.setattr(config_module, "PLATEAU", rule)
+    monkeypatch.setattr(run_module, "PLATEAU", rule)
+    single = distill(_config(store, tmp_path / "single", lr_schedule="plateau"))
+    torch.testing.assert_close(ranks[0]["plateau"]["images"], single.images, atol=1e-5, rtol=0)
+    single_lines = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in lines if "loss" in m] == [m["lr"] for m in single_lines if "loss" in m]
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_and_resumes_bit_for_bit(distributed_results):
