@@ -3,9 +3,10 @@
 From the centroid images at a constant 2e-3 (the authors' rate), efficientnet-lite0's set gains nothing on
 its own backbone after ~300 steps while its accuracy on DINOv2 falls (49.3 at 300 steps, 47.2 at 1000 on the
 whole test split: benchmarks/results/diag_defaults.md): the late movement is read by the distillation
-backbone only. A cosine decay of the rate over --steps damps that late movement. This measures it for the
-three target sets of issue 19 (1000 steps, `--augs 2`, every other option at its default), each with a
-constant rate and with the cosine schedule, and a second distillation seed of the CNN's set.
+backbone only. A cosine decay of the rate over --steps damps that late movement, but also DINOv2's own
+late gain; `plateau` (the default since 2026-12-06) halves the rate once the set's fit to the stored train
+features stops improving. This measures the three target sets of issue 19 (1000 steps, `--augs 2`, every
+other option at its default) under each schedule, and a second distillation seed of the CNN's set.
 
 Fashion-MNIST, 500 train images per class, 112 px, ipc 1; evaluation on the whole test split (10,000
 images) with the authors' protocol, 5 probe seeds, on efficientnet-lite0, dinov2-vits14-imgfocus and the
@@ -26,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import WORK_DIR, markdown_table, write_results
+from benchmarks.common import RESULTS_DIR, WORK_DIR, markdown_table, write_results
 from benchmarks.harness import distill_unless_done, fashion_mnist_refused
-from engine.distill.outdir import IMAGES_DIR, METRICS_FILE
-from featurestore.runtime import atomic_write_json
+from engine.distill.outdir import GRID_FILE, IMAGES_DIR, METRICS_FILE
+from featurestore.runtime import atomic_write_bytes, atomic_write_json
 
 # The same data, sizes and backbones as diag_defaults (its stores are shared through --work).
 from benchmarks import diag_defaults
@@ -40,6 +41,10 @@ BOTH = [EFFNET, DINOV2]
 
 # name -> (backbones distilled on, --lr-schedule, --seed)
 RUNS: dict[str, tuple[list[str], str, int]] = {
+    "lgm-effnet-plateau-1000": ([EFFNET], "plateau", 0),
+    "lgm-dinov2-plateau-1000": ([DINOV2], "plateau", 0),
+    "lgm-both-plateau-1000": (BOTH, "plateau", 0),
+    "lgm-effnet-plateau-1000-seed1": ([EFFNET], "plateau", 1),
     "lgm-effnet-cosine-1000": ([EFFNET], "cosine", 0),
     "lgm-dinov2-cosine-1000": ([DINOV2], "cosine", 0),
     "lgm-both-cosine-1000": (BOTH, "cosine", 0),
@@ -61,8 +66,10 @@ class Diag(diag_defaults.Diag):
         self.cache_path = work / "eval-cache-lr-schedule.json"
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
 
+    name = "diag_lr_schedule"  # the log lines' prefix (diag_fit_curve shares this class)
+
     def log(self, text: str) -> None:
-        print(f"[diag_lr_schedule {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+        print(f"[{self.name} {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     def build_stores(self) -> None:
         """The train split (500 per class) of the two distillation backbones; the whole test split of all three."""
@@ -96,8 +103,17 @@ def run_row(diag: Diag, name: str) -> dict[str, Any]:
     backbones, schedule, seed = RUNS[name]
     out = diag.distill(name)
     metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
+    steps = [m for m in metrics if "loss" in m]  # not the fit checks of --lr-schedule plateau
+    checks = [m for m in metrics if "lr_scale" in m]
+    halved = [c["step"] for before, c in zip([{"lr_scale": 1.0}] + checks, checks) if c["lr_scale"] < before["lr_scale"]]
+    grids = RESULTS_DIR / "diag_lr_schedule_grids"  # the pictures, beside the numbers
+    grids.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(grids / f"{name}.png", (out / GRID_FILE).read_bytes())
     return {"set": name, "distilled on": "+".join(SHORT[b] for b in backbones), "lr schedule": schedule,
-            "seed": seed, **diag.evaluate(name, out / IMAGES_DIR), "final loss": round(metrics[-1]["loss"], 4)}
+            "seed": seed, **diag.evaluate(name, out / IMAGES_DIR), "final loss": round(steps[-1]["loss"], 4),
+            "last rate": f"{steps[-1]['lr']:.3g}",
+            "rate halved at checks": (", ".join(map(str, halved)) or "none") if checks else "-",
+            "grid": f"[png](diag_lr_schedule_grids/{name}.png)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_rows(rows: list[dict[str, Any]]) -> None:
     text = (f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, {IMAGE_SIZE} px, ipc 1, --augs {AUGS}, "
-            f"{STEPS} steps from the centroid images (the default --init), lr 2e-3; top-1 % on the whole test split "
+            f"{STEPS} steps from the centroid images (the default --init), lr 2e-3 at the start; top-1 % on the whole test split "
             f"(10,000 images), {SEEDS} probe seeds. Runs not listed were not run (see RUNS in the script).\n\n"
-            + markdown_table(rows))
+            + markdown_table(rows, list(rows[-1])))  # the last row is a run's: every column
     write_results("diag_lr_schedule", {"rows": rows, "steps": STEPS, "augs": AUGS}, text)
     print(text, flush=True)
 
