@@ -96,35 +96,40 @@ def member_quick_probe(cfg: DistillConfig, ctx: DistContext, store, member: Memb
     if not ctx.is_main:
         return None
     val = val_split.load(view=0, device=ctx.device)
-
-    def top1_now() -> float:
-        with torch.no_grad():
-            images = synthetic.images().detach()
-        return quick_probe(member.backbone, images, synthetic.labels, val.features, val.labels, store.num_classes,
-                           seed=cfg.seed)
-
-    return top1_now
+    return _on_current_images(synthetic, lambda images: quick_probe(
+        member.backbone, images, synthetic.labels, val.features, val.labels, store.num_classes, seed=cfg.seed))
 
 
 def member_fit(cfg: DistillConfig, ctx: DistContext, store, member: Member,
                synthetic) -> Callable[[], tuple[float, float]] | None:
     """--lr-schedule plateau: the fit (cross-entropy, top-1 %) of the current images on at most
-    PLATEAU.rows of this backbone's stored train features, evenly spaced over the split (rank 0 only; None
-    on other ranks). Its own generators: the run's draws are the same with or without it."""
-    import numpy as np
-
+    PLATEAU.rows of this backbone's train features, evenly spaced (rank 0 only; None on other ranks). The
+    rows come from the real side when it holds stored features (no second read of the split), else from
+    the store. Its own generators: the run's draws are the same with or without it."""
     from engine.distill.config import PLATEAU
     from engine.evaluate import set_fit
 
     if not ctx.is_main:
         return None
-    rows = np.unique(np.linspace(0, member.split.n - 1, min(member.split.n, PLATEAU.rows)).round().astype(np.int64))
-    real = member.split.load(view=0, device=ctx.device, rows=rows)
+    if isinstance(member.real, StoreRealSource):
+        n = member.real.num_rows
+        keep = torch.linspace(0, n - 1, min(n, PLATEAU.rows)).round().long().unique().to(member.real.device)
+        features, labels = member.real.features[keep, 0], member.real.labels[keep]
+    else:
+        import numpy as np
 
-    def fit_now() -> tuple[float, float]:
+        rows = np.unique(np.linspace(0, member.split.n - 1, min(member.split.n, PLATEAU.rows)).round().astype(np.int64))
+        real = member.split.load(view=0, device=ctx.device, rows=rows)
+        features, labels = real.features, real.labels
+    return _on_current_images(synthetic, lambda images: set_fit(
+        member.backbone, images, synthetic.labels, features, labels, store.num_classes, seed=cfg.seed))
+
+
+def _on_current_images(synthetic, score: Callable[[torch.Tensor], Any]) -> Callable[[], Any]:
+    """`score` of the synthetic images as they are when called (no graph kept)."""
+    def read() -> Any:
         with torch.no_grad():
             images = synthetic.images().detach()
-        return set_fit(member.backbone, images, synthetic.labels, real.features, real.labels, store.num_classes,
-                       seed=cfg.seed)
+        return score(images)
 
-    return fit_now
+    return read

@@ -60,8 +60,11 @@ class Run:
     plateau_scale: float = 1.0  # --lr-schedule plateau: the factor on the base rate after the checks so far
 
     def __post_init__(self) -> None:
-        # A resumed run continues the schedule of the checks its checkpoint's metrics hold.
+        self._update_plateau_scale()  # a resumed run continues the schedule its checkpoint's checks give
+
+    def _update_plateau_scale(self) -> float:
         self.plateau_scale = PLATEAU.scale([m["fit_loss"] for m in self.metrics if "fit_loss" in m])
+        return self.plateau_scale
 
     @property
     def main(self) -> bool:
@@ -122,7 +125,7 @@ class Run:
             entry["fit_by_backbone"] = {name: {"loss": round(loss, 6), "top1": round(top1, 3)}
                                         for name, (loss, top1) in fits.items()}
         self.metrics.append(entry)
-        self.plateau_scale = entry["lr_scale"] = PLATEAU.scale([m["fit_loss"] for m in self.metrics if "fit_loss" in m])
+        entry["lr_scale"] = self._update_plateau_scale()
         if self.main:
             with self.writes():
                 append_metric(self.out / METRICS_FILE, entry)
