@@ -618,6 +618,13 @@ def test_the_plateau_schedule_halves_the_rate_after_its_checks_and_resumes_the_s
     rates = [m["lr"] for m in lines if "loss" in m]
     assert rates == pytest.approx([1e-3] * 4 + [5e-4] * 2 + [2.5e-4] * 2 + [1.25e-4], rel=1e-12)
     assert json.loads((tmp_path / "straight" / "config.json").read_text())["optimizer"]["lr_schedule"] == "plateau"
+    # With real images through the backbone as the real side, the check reads its rows from the store.
+    from_images = tmp_path / "from_images"
+    distill(_config(store, from_images, steps=5, lr=1e-3, lr_schedule="plateau", real_source="images"))
+    checks = [json.loads(line) for line in (from_images / "metrics.jsonl").read_text().splitlines()]
+    checks = [m for m in checks if "fit_loss" in m]
+    assert [m["step"] for m in checks] == [2, 4] and all(0 < m["fit_loss"] < 20 for m in checks)
+    assert checks[0]["fit_loss"] == pytest.approx(fits[0]["fit_loss"], rel=1e-4)  # same images, same rows
     # The checks draw from their own generators: until the rate first changes, the run is the constant one.
     never = PlateauRule(every=2, patience=100)
     monkeypatch.setattr(config_module, "PLATEAU", never)
