@@ -102,18 +102,30 @@ class Diag(diag_defaults.Diag):
 def run_row(diag: Diag, name: str) -> dict[str, Any]:
     backbones, schedule, seed = RUNS[name]
     out = diag.distill(name)
+    return {"set": name, "distilled on": "+".join(SHORT[b] for b in backbones), "lr schedule": schedule,
+            "seed": seed, **diag.evaluate(name, out / IMAGES_DIR), **schedule_columns(out),
+            "grid": copy_grid(out, "diag_lr_schedule_grids", name)}
+
+
+def schedule_columns(out: Path) -> dict[str, Any]:
+    """A finished run's last loss, first and last rate, the checks at which plateau halved the rate, and its
+    mean step time (from its metrics.jsonl)."""
     metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "loss" in m]  # not the fit checks of --lr-schedule plateau
     checks = [m for m in metrics if "lr_scale" in m]
     halved = [c["step"] for before, c in zip([{"lr_scale": 1.0}] + checks, checks) if c["lr_scale"] < before["lr_scale"]]
-    grids = RESULTS_DIR / "diag_lr_schedule_grids"  # the pictures, beside the numbers
-    grids.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(grids / f"{name}.png", (out / GRID_FILE).read_bytes())
-    return {"set": name, "distilled on": "+".join(SHORT[b] for b in backbones), "lr schedule": schedule,
-            "seed": seed, **diag.evaluate(name, out / IMAGES_DIR), "final loss": round(steps[-1]["loss"], 4),
+    return {"final loss": round(steps[-1]["loss"], 4), "first rate": f"{steps[0]['lr']:.3g}",
             "last rate": f"{steps[-1]['lr']:.3g}",
             "rate halved at checks": (", ".join(map(str, halved)) or "none") if checks else "-",
-            "grid": f"[png](diag_lr_schedule_grids/{name}.png)"}
+            "step seconds": round(sum(m["step_seconds"] for m in steps) / len(steps), 2)}
+
+
+def copy_grid(out: Path, folder: str, name: str) -> str:
+    """The run's grid.png copied beside the results (`folder` under benchmarks/results); its markdown link."""
+    grids = RESULTS_DIR / folder
+    grids.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(grids / f"{name}.png", (out / GRID_FILE).read_bytes())
+    return f"[png]({folder}/{name}.png)"
 
 
 def main(argv: list[str] | None = None) -> int:

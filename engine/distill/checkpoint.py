@@ -23,10 +23,11 @@ from featurestore.runtime import atomic_write_stream
 
 CHECKPOINT_FORMAT = 2
 # Options that define the optimization problem, besides the objective's own.
-RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "augs", "real_batch", "param", "init", "colour", "decorrelate",
-               "grow_every", "real_source", "augment", "seed", "weights", "image_size", "feature_space")
+RESUME_KEYS = ("store", "backbone", "split", "method", "ipc", "augs", "real_batch", "param", "init", "colour",
+               "decorrelate", "grow_every", "real_source", "augment", "seed", "weights", "image_size", "feature_space",
+               "pixel_prior")
 # Options added after checkpoints were made without them: the value those checkpoints ran with.
-RESUME_KEYS_ADDED = {"feature_space": "raw"}
+RESUME_KEYS_ADDED = {"feature_space": "raw", "pixel_prior": 0.0}
 _STATE_KEYS = ("format", "step", "run", "synthetic", "optimizer", "generators", "metrics")
 
 

@@ -79,6 +79,10 @@ class DistillConfig:
                                        "(each dimension shifted and scaled by the real split's mean and std, "
                                        "from the store's class statistics; the same map on both sides).")
     augment: bool = option(True, "Augmentation on both sides (--no-augment: none).", flag="--augment/--no-augment")
+    pixel_prior: float = option(0.0, "Weight of a term that keeps each synthetic image's per-channel pixel mean and "
+                                     "std within one spread of its class's real images (estimated from 32 real "
+                                     "images per class, read once from the store's source); 0: off. README, "
+                                     "Quality: pixel statistics.")
     checkpoint_every: int = option(100, "Steps between checkpoints.")
     eval_every: int = option(0, "Every K steps, a cheap probe of the current set on the store's val features "
                                 "(1 seed, 10 views, 300 epochs: an estimate, not the full protocol); 0: off.")
@@ -128,6 +132,10 @@ class DistillConfig:
                            ("seed", MAX_SEED)):
             _check_bounds(getattr(self, name), "--" + name.replace("_", "-"), high)
         resolve_lr(self.lr, self.steps, self.init)
+        prior = self.pixel_prior
+        if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (math.isfinite(prior) and prior >= 0):
+            raise DistillError(f"--pixel-prior must be a finite number >= 0 (0: off), got {prior!r}")
+        self.pixel_prior = float(prior)
         objective_config(self.method, self.objective)
         for name, allowed in (("param", PARAMETERIZATIONS), ("init", INITS), ("real_source", REAL_SOURCES),
                               ("colour", COLOURS), ("feature_space", FEATURE_SPACES), ("lr_schedule", LR_SCHEDULES)):

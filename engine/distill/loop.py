@@ -34,6 +34,7 @@ from engine.distill.members import QUICK_PROBE_NOTE
 from engine.distill.memory import peak_memory_mb, reset_peak_memory
 from engine.distill.outdir import (CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGES_DIR, LOSS_PLOT_FILE, METRICS_FILE,
                                    recheck_out_dir)
+from engine.distill.pixel_prior import pixel_prior
 from engine.distill.prepare import prepare
 from engine.distill.run import Clock, DistillResult, Run
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
@@ -148,6 +149,10 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
                                              loss_fn, run.ctx.rank, run.ctx.world_size)
         losses.append(float(loss) / member.weight)
     loss_value = sum(member.weight * value for member, value in zip(run.members, losses))
+    if run.pixel_stats is not None:  # rank 0 only: the ranks' gradients are summed
+        prior = run.cfg.pixel_prior * pixel_prior(synthetic.images(), synthetic.labels, run.pixel_stats)
+        prior.backward()
+        run.last_prior = float(prior.detach())
     any_stop, any_nonfinite = reduce_step(synthetic.parameters(), stop_requested[0], not math.isfinite(loss_value))
     if any_nonfinite and math.isfinite(loss_value):
         loss_value = float("nan")  # another rank saw a non-finite loss: stop with it
@@ -220,6 +225,8 @@ def _record_step(run: Run, index: int, loss_value: float, member_losses: list[fl
     record = {"step": index, "loss": loss_value, "lr": run.lr_at(index - 1), "step_seconds": round(now - t0, 6),
               "seconds": round(clock.seconds(now), 6),
               "peak_memory_mb": round(peak_memory_mb(run.ctx.device), 2)}
+    if run.last_prior is not None:
+        record["pixel_prior"] = run.last_prior  # not in "loss": the objective's alone, comparable across runs
     if len(run.members) > 1:
         record["loss_by_backbone"] = {m.name: v for m, v in zip(run.members, member_losses)}
     if run.cfg.param == "pyramid":

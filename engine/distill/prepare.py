@@ -20,6 +20,7 @@ from engine.distill.config import (REAL_INITS, DistillConfig, DistillError, pars
 from engine.distill.members import Member, make_members, member_fit, member_quick_probe, open_splits
 from engine.distill.memory import check_memory
 from engine.distill.outdir import CHECKPOINT_FILE, check_out_dir
+from engine.distill.pixel_prior import PixelStatistics, real_pixel_statistics
 from engine.distill.run import Run
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.imagefolder import class_folder_names
@@ -58,13 +59,14 @@ def prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
     start = (fresh_start(synthetic, lr) if checkpoint is None else
              restored_start(checkpoint, synthetic, generators, lr, out, ctx.is_main))
     shares = size_passes(cfg, ctx, store, members, synthetic)
+    pixel_stats = pixel_statistics(cfg, splits, checkpoint, out, ctx)
     config = run_config(cfg, ctx, store, objective, members, synthetic, options, start, lr, checkpoint is not None,
                         shares)
     return Run(cfg=cfg, ctx=ctx, out=out, store=store, members=members, objective=objective,
                lr_history=start.lr_history, resolved=options.record, generators=generators, synthetic=synthetic,
                optimizer=start.optimizer, config=config, metrics=start.metrics, start_step=start.start_step,
                resumed=checkpoint is not None, last_saved=start.start_step if checkpoint is not None else None,
-               lr_schedule=cfg.lr_schedule)
+               lr_schedule=cfg.lr_schedule, pixel_stats=pixel_stats)
 
 
 @dataclass
@@ -186,6 +188,21 @@ def new_synthetic(cfg: DistillConfig, splits: list[Any], options: ResolvedOption
                           init="real" if cfg.init in REAL_INITS else cfg.init, real_images=init_images,
                           grow_every=options.grow_every, channels=1 if options.grey else 3,
                           decorrelate=cfg.decorrelate, generator=generators["init"], device=device)
+
+
+def pixel_statistics(cfg: DistillConfig, splits: list[Any], checkpoint: dict[str, Any] | None, out: Path,
+                     ctx: DistContext) -> PixelStatistics | None:
+    """--pixel-prior: the real images' pixel statistics, read once at the start; a resume takes the
+    checkpoint's (no reads, and the same targets even if the source changed since). Rank 0 alone adds the
+    prior (engine.distill.pixel_prior), so the other ranks hold none."""
+    if not cfg.pixel_prior or not ctx.is_main:
+        return None
+    if checkpoint is not None:
+        if "pixel_statistics" not in checkpoint:
+            raise DistillError(f"{out / CHECKPOINT_FILE} holds no pixel statistics although its run used "
+                               f"--pixel-prior: it is damaged; start a new run in another --out")
+        return PixelStatistics.from_state_dict(checkpoint["pixel_statistics"]).to(ctx.device)
+    return real_pixel_statistics(splits[0], splits[0].store.num_classes, splits[0].resize_size).to(ctx.device)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch import Tensor
 from engine.distill.checkpoint import run_identity
 from engine.distill.config import PLATEAU, DistillConfig, DistillError, NonFiniteLossError, scheduled_lr
 from engine.distill.members import Member
+from engine.distill.pixel_prior import PixelStatistics
 from engine.distill.outdir import METRICS_FILE
 from engine.objectives import Objective
 from engine.parameterizations import SyntheticImages
@@ -58,6 +59,8 @@ class Run:
     lr_schedule: str = "constant"  # --lr-schedule
 
     plateau_scale: float = 1.0  # --lr-schedule plateau: the factor on the base rate after the checks so far
+    pixel_stats: PixelStatistics | None = None  # --pixel-prior: the real images' statistics (rank 0's only)
+    last_prior: float | None = None  # --pixel-prior: the prior's weighted value at the last step (rank 0)
 
     def __post_init__(self) -> None:
         self._update_plateau_scale()  # a resumed run continues the schedule its checkpoint's checks give
@@ -154,7 +157,9 @@ class Run:
             "step": step, "run": run_identity(self.cfg, self.splits, self.resolved),
             "synthetic": self.synthetic.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_history": self.lr_history,
-            "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics}
+            "generators": {k: g.get_state() for k, g in self.generators.items()}, "metrics": self.metrics,
+            **({"pixel_statistics": {k: v.cpu() for k, v in self.pixel_stats.state_dict().items()}}
+               if self.pixel_stats is not None else {})}
 
     def step_draws(self) -> dict[str, Any]:
         """The states of the generators a step draws from (all but the init stream), to rewind them."""
