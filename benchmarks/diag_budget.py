@@ -92,13 +92,14 @@ class Diag(diag_lr_schedule.Diag):
 
 
 def prior_reference(diag: Diag):
-    """The real images' pixel statistics, as `engine distill --pixel-prior` estimates them."""
+    """(the real images' pixel statistics, as `engine distill --pixel-prior` estimates them; the store's class
+    names)."""
     from engine.distill.pixel_prior import real_pixel_statistics
     from featurestore.store import FeatureStore
 
     store = FeatureStore.open(str(diag.train_store))
     split = store.split(EFFNET, "train")
-    return real_pixel_statistics(split, store.num_classes, split.resize_size)
+    return real_pixel_statistics(split, store.num_classes, split.resize_size), store.class_names
 
 
 def run_row(diag: Diag, name: str, reference) -> dict[str, Any]:
@@ -115,10 +116,11 @@ def pixel_columns(folder: Path, reference) -> dict[str, Any]:
     from engine.distill.pixel_prior import pixel_prior
     from engine.imagefolder import read_imagefolder
 
+    statistics, class_names = reference
     stats = pixel_stats(folder)
-    images, labels, _ = read_imagefolder(folder)
+    images, labels, _ = read_imagefolder(folder, class_names=class_names)  # labels as the store's classes
     return {"pixel mean": stats["mean"], "pixel std": stats["std"], "share <= 0.02": stats["near_0"],
-            "share >= 0.98": stats["near_1"], "prior value": round(float(pixel_prior(images, labels, reference)), 4)}
+            "share >= 0.98": stats["near_1"], "prior value": round(float(pixel_prior(images, labels, statistics)), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_rows(rows: list[dict[str, Any]], reference) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    data_mean = float(reference.mean[:, 0].mean())
+    data_mean = float(reference[0].mean[:, 0].mean())
     text = (f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, {IMAGE_SIZE} px, ipc 1, from the centroid "
             f"images (the default --init), --augs {AUGS} unless the row says, every other option at its default "
             f"(lr 2e-3, plateau schedule) unless the row says; top-1 % on the whole test split (10,000 images), "
