@@ -36,23 +36,25 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_rank_killed_mid_step_is_one_line_on_the_survivor_and_resume_is_bit_for_bit(store, tmp_path):
+def _kill_mid_step_then_resume(store: Path, tmp_path: Path, killed_rank: int) -> str:
+    """Rank `killed_rank` of 2 SIGKILLed in the loss of step 6 (the other computes step 6 and waits for it in a
+    collective); checks what must hold whichever rank died: the survivor's one `error:` line and exit 2,
+    torchrun's summary, nothing written after the step-4 checkpoint, and `--resume` finishing the run bit for
+    bit as an uninterrupted launch. Returns the survivor's line."""
     out, reference = tmp_path / "out", tmp_path / "reference"
     with launches() as start:
         # The uninterrupted run, alongside (resuming is bit for bit under the same world size).
         uninterrupted = start(tmp_path / "reference_logs", "cli.engine", _distill(store, reference))
-        # Rank 1 stops for good in the loss of step 6; rank 0 computes step 6 and waits for it in a collective.
         killed = start(tmp_path / "logs", "cli.engine", _distill(store, out), hooks=[
-            {"rank": 1, "target": "engine.objectives:LGMObjective.loss", "call": 6, "pause": True}])
-        os.kill(killed.wait_for_marker(1), signal.SIGKILL)
+            {"rank": killed_rank, "target": "engine.objectives:LGMObjective.loss", "call": 6, "pause": True}])
+        os.kill(killed.wait_for_marker(killed_rank), signal.SIGKILL)
         launcher_code, launcher_err = killed.finish()
-        survivor = killed.rank(0)
+        survivor = killed.rank(1 - killed_rank)
         lines = [line for line in survivor.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "Traceback" not in survivor.stderr, survivor.stderr
-        assert lines[0].startswith("error: rank 1 of 2 stopped or stopped answering ("), lines[0]
-        assert f"the checkpoint of step 4 in --out {out} is intact: rerun the same command with --resume" in lines[0]
+        assert lines[0].startswith(f"error: rank {killed_rank} of 2 stopped or stopped answering ("), lines[0]
         assert survivor.exit_code == 2
-        # torchrun adds its own summary (and exits 1): the root cause is rank 1's SIGKILL.
+        # torchrun adds its own summary (and exits 1): the root cause is the killed rank's SIGKILL.
         assert launcher_code == 1 and "Signal 9 (SIGKILL)" in launcher_err
         # Nothing written after the failure: the step-4 checkpoint, no outputs, no temp files.
         assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
@@ -65,3 +67,18 @@ def test_a_rank_killed_mid_step_is_one_line_on_the_survivor_and_resume_is_bit_fo
     assert _losses(out) == _losses(reference) and len(_losses(out)) == 8
     got, want = load_file(out / "distilled.safetensors"), load_file(reference / "distilled.safetensors")
     assert torch.equal(got["images"], want["images"]) and torch.equal(got["labels"], want["labels"])
+    return lines[0]
+
+
+def test_a_rank_killed_mid_step_is_one_line_on_the_survivor_and_resume_is_bit_for_bit(store, tmp_path):
+    line = _kill_mid_step_then_resume(store, tmp_path, killed_rank=1)
+    out = tmp_path / "out"  # rank 0 wrote the checkpoints: it names the step
+    assert f"the checkpoint of step 4 in --out {out} is intact: rerun the same command with --resume" in line
+
+
+def test_rank_0_killed_mid_step_is_one_line_on_the_survivor_and_resume_is_bit_for_bit(store, tmp_path):
+    """The writing rank is the one that dies: its lock on --out goes with it, the survivor (which never
+    writes) names the last checkpoint rank 0 wrote, and the resume continues from it."""
+    line = _kill_mid_step_then_resume(store, tmp_path, killed_rank=0)
+    out = tmp_path / "out"
+    assert f"the last checkpoint rank 0 wrote in --out {out} is intact: rerun the same command with --resume" in line
