@@ -26,7 +26,6 @@ Results: benchmarks/results/diag_budget.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import diag_lr_schedule
-from benchmarks.common import WORK_DIR, markdown_table, write_results
+from benchmarks.common import markdown_table, write_results
 from benchmarks.diag_defaults import AUGS, DINOV2, EFFNET, IMAGE_SIZE, SHORT, TRAIN_PER_CLASS, pixel_stats
 from benchmarks.diag_lr_schedule import copy_grid, schedule_columns
 from benchmarks.harness import distill_unless_done, fashion_mnist_refused, run_finished
@@ -124,12 +123,7 @@ def pixel_columns(folder: Path, reference) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=WORK_DIR / "diag_defaults")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--only", nargs="+", default=None, choices=list(RUNS), metavar="NAME",
-                        help="only these runs (see RUNS)")
-    args = parser.parse_args(argv)
+    args = diag_lr_schedule.parse_args(argv, __doc__, list(RUNS))
     if fashion_mnist_refused(args.data_root):
         return 2
     diag = Diag(args.work, args.data_root)

@@ -128,13 +128,19 @@ def copy_grid(out: Path, folder: str, name: str) -> str:
     return f"[png]({folder}/{name}.png)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, description: str, runs: list[str]) -> argparse.Namespace:
+    """The options of the whole-split diagnostics: --work (the stores and runs of diag_defaults), --data-root,
+    --only NAME... (a subset of `runs`)."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=WORK_DIR / "diag_defaults")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--only", nargs="+", default=None, choices=list(RUNS), metavar="NAME",
+    parser.add_argument("--only", nargs="+", default=None, choices=runs, metavar="NAME",
                         help="only these runs (see RUNS)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, __doc__, list(RUNS))
     if fashion_mnist_refused(args.data_root):
         return 2
     diag = Diag(args.work, args.data_root)
