@@ -45,6 +45,7 @@ RUNS: dict[str, tuple[list[str], str, int]] = {
     "lgm-dinov2-plateau-1000": ([DINOV2], "plateau", 0),
     "lgm-both-plateau-1000": (BOTH, "plateau", 0),
     "lgm-effnet-plateau-1000-seed1": ([EFFNET], "plateau", 1),
+    "lgm-dinov2-plateau-1000-seed1": ([DINOV2], "plateau", 1),
     "lgm-effnet-cosine-1000": ([EFFNET], "cosine", 0),
     "lgm-dinov2-cosine-1000": ([DINOV2], "cosine", 0),
     "lgm-both-cosine-1000": (BOTH, "cosine", 0),
