@@ -52,6 +52,8 @@ RUNS: dict[str, tuple[list[str], int, dict[str, Any], str | None]] = {
     "lgm-effnet-400": ([EFFNET], 400, {}, None),
     "lgm-effnet-augs10-400": ([EFFNET], 400, {"augs": 10}, None),
     "lgm-effnet-prior-1000": ([EFFNET], 1000, {"pixel_prior": 1.0}, None),
+    "lgm-effnet-plateau-1000-seed1": ([EFFNET], 1000, {"seed": 1}, None),
+    "lgm-effnet-prior-1000-seed1": ([EFFNET], 1000, {"pixel_prior": 1.0, "seed": 1}, None),
     "lgm-effnet-old-rate-300": ([EFFNET], 300, OLD_RATE, None),
     "lgm-effnet-old-rate-prior-300": ([EFFNET], 300, {**OLD_RATE, "pixel_prior": 1.0}, None),
 }
@@ -105,7 +107,7 @@ def run_row(diag: Diag, name: str, reference) -> dict[str, Any]:
     backbones, steps, options, _ = RUNS[name]
     out = diag.distill(name)
     return {"set": name, "distilled on": "+".join(SHORT[b] for b in backbones), "steps": steps,
-            "augs": options.get("augs", AUGS), "pixel prior": options.get("pixel_prior", 0.0),
+            "seed": options.get("seed", 0), "augs": options.get("augs", AUGS), "pixel prior": options.get("pixel_prior", 0.0),
             **diag.evaluate(name, out / IMAGES_DIR), **pixel_columns(out / IMAGES_DIR, reference),
             **schedule_columns(out), "grid": copy_grid(out, "diag_budget_grids", name)}
 
