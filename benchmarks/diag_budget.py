@@ -51,9 +51,9 @@ RUNS: dict[str, tuple[list[str], int, dict[str, Any], str | None]] = {
     "lgm-dinov2-plateau-2000": ([DINOV2], 2000, {}, "lgm-dinov2-plateau-1000"),
     "lgm-effnet-400": ([EFFNET], 400, {}, None),
     "lgm-effnet-augs10-400": ([EFFNET], 400, {"augs": 10}, None),
+    "lgm-effnet-augs10-1000": ([EFFNET], 1000, {"augs": 10}, None),
     "lgm-effnet-prior-1000": ([EFFNET], 1000, {"pixel_prior": 1.0}, None),
     "lgm-effnet-plateau-1000-seed1": ([EFFNET], 1000, {"seed": 1}, None),
-    "lgm-effnet-prior-1000-seed1": ([EFFNET], 1000, {"pixel_prior": 1.0, "seed": 1}, None),
     "lgm-effnet-old-rate-300": ([EFFNET], 300, OLD_RATE, None),
     "lgm-effnet-old-rate-prior-300": ([EFFNET], 300, {**OLD_RATE, "pixel_prior": 1.0}, None),
 }
