@@ -152,6 +152,10 @@ def _worker(rank: int, port: int, store: str, tmp: str) -> None:
     engine.distill.config.PLATEAU = engine.distill.run.PLATEAU = engine.distill.config.PlateauRule()
     results["plateau"] = {"images": plateau.images, "losses": plateau.losses}
 
+    # --pixel-prior: rank 0 alone adds the prior's gradient (the ranks' gradients are summed).
+    prior = distill_module.distill(_config(store_path, tmp_path / "prior", pixel_prior=10.0))
+    results["prior"] = {"images": prior.images, "losses": prior.losses}
+
     # Ctrl-C on rank 1 during step 3: both ranks stop after step 2; then resume to the end.
     def interrupt(call, loss):
         if rank == 1 and call == 3:
@@ -272,6 +276,21 @@ def test_the_plateau_schedule_takes_rank_0s_fit_on_every_rank(distributed_result
     torch.testing.assert_close(ranks[0]["plateau"]["images"], single.images, atol=1e-5, rtol=0)
     single_lines = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [m["lr"] for m in lines if "loss" in m] == [m["lr"] for m in single_lines if "loss" in m]
+
+
+def test_the_pixel_prior_counts_once_over_the_ranks(distributed_results, store, tmp_path):
+    """Every rank holds the same images, those of the single-process run (added on every rank, the prior's
+    gradient would count twice), which the prior moved away from the run without it."""
+    from engine.distill import distill
+
+    tmp, ranks = distributed_results
+    assert torch.equal(ranks[0]["prior"]["images"], ranks[1]["prior"]["images"])
+    single = distill(_config(store, tmp_path / "single", pixel_prior=10.0))
+    torch.testing.assert_close(ranks[0]["prior"]["images"], single.images, atol=1e-5, rtol=0)
+    without = distill(_config(store, tmp_path / "without"))
+    assert (single.images - without.images).abs().max() > 1e-2
+    lines = [json.loads(x) for x in (tmp / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert len([m for m in lines if "pixel_prior" in m]) == 8
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_and_resumes_bit_for_bit(distributed_results):
