@@ -149,7 +149,8 @@ def write_rows(rows: list[dict[str, Any]], reference) -> None:
             f"{SEEDS} probe seeds. Pixel mean / std: the grey level over the set's images (the data's mean over "
             f"the 32 real images per class the prior reads: {data_mean:.3f}). Prior value: `--pixel-prior`'s "
             f"term at weight 1 against those real images' statistics (0: every image within one spread of its "
-            f"class). Step seconds: on 2 CPU cores shared with another run (compare within a column only).\n\n"
+            f"class). Step seconds: the run's mean, its checks excluded, on 2 CPU cores shared with a varying number "
+            f"of other runs: not comparable across rows.\n\n"
             + markdown_table(rows, columns))
     write_results("diag_budget", {"rows": rows}, text)
     print(text, flush=True)

@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 def write_rows(rows: list[dict[str, Any]]) -> None:
     text = (f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, {IMAGE_SIZE} px, ipc 1, --augs {AUGS}, "
             f"{STEPS} steps from the centroid images (the default --init), lr 2e-3 at the start; top-1 % on the whole test split "
-            f"(10,000 images), {SEEDS} probe seeds. Runs not listed were not run (see RUNS in the script).\n\n"
+            f"(10,000 images), {SEEDS} probe seeds. Runs not listed were not run (see RUNS in the script). Step "
+            f"seconds: the run's mean, its checks excluded, on 2 CPU cores shared with a varying number of other "
+            f"runs: not comparable across rows.\n\n"
             + markdown_table(rows, list(rows[-1])))  # the last row is a run's: every column
     write_results("diag_lr_schedule", {"rows": rows, "steps": STEPS, "augs": AUGS}, text)
     print(text, flush=True)
