@@ -371,6 +371,14 @@ class StoreSplit:
         return open_dataset(ds["name"], root=ds.get("root"), split=self.split_name,
                             limit_per_class=ds.get("limit_per_class"))
 
+    def canonical_images(self, rows: "Sequence[int] | np.ndarray | torch.Tensor", resolution: int) -> torch.Tensor:
+        """The source images of store rows `rows` as canonical images (`datasets.canonical_image`: float32
+        [len(rows), 3, R, R] in [0, 1], R = `resolution`), found by sample id (`source`)."""
+        from .datasets import canonical_image
+
+        dataset, indices = self.source(rows)
+        return torch.stack([canonical_image(dataset.load_image(i), resolution) for i in indices])
+
     def source(self, rows: "Sequence[int] | np.ndarray | torch.Tensor") -> tuple[Any, list[int]]:
         """(the reopened source dataset, the dataset index of each store row in `rows`), matched by sample
         id, never by position: if files were added or removed since the build, every row still finds its

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from engine.objectives import OBJECTIVE_NAMES, OBJECTIVES, objective_config
 from featurestore.errors import UserError
 from featurestore.options import option
@@ -244,6 +246,11 @@ class PlateauRule:
 
 
 PLATEAU = PlateauRule()
+
+
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    """Up to `k` indices of 0..n-1, evenly spaced, first and last included (all of them when k >= n)."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))
 
 
 def scheduled_lr(base: float, schedule: str, index: int, steps: int, plateau_scale: float = 1.0) -> float:

@@ -106,20 +106,16 @@ def member_fit(cfg: DistillConfig, ctx: DistContext, store, member: Member,
     PLATEAU.rows of this backbone's train features, evenly spaced (rank 0 only; None on other ranks). The
     rows come from the real side when it holds stored features (no second read of the split), else from
     the store. Its own generators: the run's draws are the same with or without it."""
-    from engine.distill.config import PLATEAU
+    from engine.distill.config import PLATEAU, evenly_spaced
     from engine.evaluate import set_fit
 
     if not ctx.is_main:
         return None
     if isinstance(member.real, StoreRealSource):
-        n = member.real.num_rows
-        keep = torch.linspace(0, n - 1, min(n, PLATEAU.rows)).round().long().unique().to(member.real.device)
+        keep = torch.from_numpy(evenly_spaced(member.real.num_rows, PLATEAU.rows)).to(member.real.device)
         features, labels = member.real.features[keep, 0], member.real.labels[keep]
     else:
-        import numpy as np
-
-        rows = np.unique(np.linspace(0, member.split.n - 1, min(member.split.n, PLATEAU.rows)).round().astype(np.int64))
-        real = member.split.load(view=0, device=ctx.device, rows=rows)
+        real = member.split.load(view=0, device=ctx.device, rows=evenly_spaced(member.split.n, PLATEAU.rows))
         features, labels = real.features, real.labels
     return _on_current_images(synthetic, lambda images: set_fit(
         member.backbone, images, synthetic.labels, features, labels, store.num_classes, seed=cfg.seed))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.distill.config import DistillError
+from engine.distill.config import DistillError, evenly_spaced
 from featurestore.errors import UserError, one_line
 
 PER_CLASS = 32  # real images per class the statistics are estimated from
@@ -82,8 +82,6 @@ def class_statistics(images: Tensor, labels: Tensor, num_classes: int) -> PixelS
 def real_pixel_statistics(split, num_classes: int, resolution: int, per_class: int = PER_CLASS) -> PixelStatistics:
     """The statistics of up to `per_class` real images of each class of `split` (evenly spaced over the
     class's rows), read from the store's source at `resolution`."""
-    from featurestore.datasets import canonical_image
-
     labels = split.labels()
     rows, row_labels = [], []
     for c in range(num_classes):
@@ -91,12 +89,11 @@ def real_pixel_statistics(split, num_classes: int, resolution: int, per_class: i
         if members.size == 0:
             raise DistillError(f"--pixel-prior needs real images of every class; class {c} "
                                f"({split.store.class_names[c]!r}) has none in the store")
-        picks = members[np.unique(np.linspace(0, members.size - 1, min(per_class, members.size)).round().astype(int))]
+        picks = members[evenly_spaced(members.size, per_class)]
         rows.extend(picks.tolist())
         row_labels.extend([c] * len(picks))
     try:
-        dataset, indices = split.source(rows)
-        images = torch.stack([canonical_image(dataset.load_image(i), resolution) for i in indices])
+        images = split.canonical_images(rows, resolution)
     except UserError as exc:
         raise DistillError(f"--pixel-prior reads {len(rows)} real images from the store's source: {one_line(exc)}; "
                            f"make the source readable again, or run without --pixel-prior") from None

@@ -146,7 +146,6 @@ def real_init_images(splits: list, num_classes: int, ipc: int, resolution: int, 
     `engine baseline --kind centroid`), with ipc > 1 the nearest of each of ipc k-means centres; with
     several backbones, in their joint features (`_init_features`)."""
     from engine.baselines import pick_cluster_centroids
-    from featurestore.datasets import canonical_image
 
     split = splits[0]
     features, data = _init_features(splits) if init == "centroid" else (None, split.load(view=0))
@@ -165,12 +164,11 @@ def real_init_images(splits: list, num_classes: int, ipc: int, resolution: int, 
     # Images are found by sample id, so a source folder that changed since the build cannot hand class b
     # the image of class a.
     try:
-        dataset, indices = split.source(torch.cat(picks))
+        return split.canonical_images(torch.cat(picks), resolution)
     except UserError as exc:
         raise DistillError(f"--init {init} reads {len(picks) * ipc} real images from the store's source: "
                            f"{one_line(exc)}; make the source readable again, or start from grey images with "
                            f"--init zero") from None
-    return torch.stack([canonical_image(dataset.load_image(i), resolution) for i in indices])
 
 
 def new_synthetic(cfg: DistillConfig, splits: list[Any], options: ResolvedOptions,
