@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 
 import typer
 
-from cli.signals import INTERRUPTED, command_signals
+from cli.signals import INTERRUPTED, command_signals, interrupted_line
 from featurestore.errors import UserError
 from featurestore.runtime import stop_zarr_io_thread
 
@@ -35,8 +35,8 @@ def _error_in_flight(interrupt: KeyboardInterrupt) -> UserError | None:
 
 def user_errors(fn: F) -> F:
     """Decorator for typer commands: UserError -> 'error: ...' (one line), exit code 2; Ctrl-C and SIGTERM
-    -> 'interrupted', 130 (in an `fs` / `engine` process, cli/signals.py: once the command has ended, a
-    signal is ignored).
+    -> 'interrupted' (or, for torchrun's SIGTERM, that torchrun stopped the rank), 130 (in an `fs` / `engine`
+    process, cli/signals.py: once the command has ended, a signal is ignored).
     Warnings of probe-distill's own categories (e.g. `DatasetWarning`) print as one 'warning: ...' line
     on stderr; other libraries' warnings keep Python's format."""
 
@@ -66,7 +66,7 @@ def user_errors(fn: F) -> F:
             if decided is not None:  # the signal came while that error was on its way out: it is the outcome
                 print(f"error: {decided}", file=sys.stderr)
                 raise typer.Exit(decided.exit_code) from None
-            print("interrupted", file=sys.stderr)
+            print(interrupted_line(), file=sys.stderr)
             raise typer.Exit(INTERRUPTED) from None
         finally:
             # zarr's own exit handler closes its IO loop after waiting only 0.2 s for the thread, which

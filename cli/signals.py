@@ -26,8 +26,13 @@ from typing import Iterator
 
 INTERRUPTED = 130  # the exit code of Ctrl-C and SIGTERM (128 + SIGINT, the shell's convention)
 STARTING_LINE = "error: interrupted while starting; nothing was written"
+# torchrun sets TORCHELASTIC_RUN_ID in every process it starts, and SIGTERMs them all when one fails: a rank
+# it stops outside a collective never sees the failure itself, so its line says where to look.
+TORCHRUN_STOPPED_LINE = ("interrupted: torchrun stopped this rank (SIGTERM), as it stops every rank when one "
+                         "fails or is stopped; its summary names that rank")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _owned = [False]  # this process was started by `on_start`: its handlers are ours to change
+_received: list[int | None] = [None]  # the last signal turned into a KeyboardInterrupt
 
 
 def _exit_while_starting(signum, frame) -> None:  # noqa: ARG001
@@ -38,7 +43,16 @@ def _exit_while_starting(signum, frame) -> None:  # noqa: ARG001
 
 
 def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001
+    _received[0] = signum
     raise KeyboardInterrupt
+
+
+def interrupted_line() -> str:
+    """The line of a command stopped by a signal: `interrupted`, or which rank torchrun's SIGTERM leaves
+    to its summary."""
+    if _received[0] == signal.SIGTERM and "TORCHELASTIC_RUN_ID" in os.environ:
+        return TORCHRUN_STOPPED_LINE
+    return "interrupted"
 
 
 def on_start() -> None:
@@ -63,7 +77,7 @@ def command_signals() -> Iterator[None]:
     if not _owned[0]:
         yield
         return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.signals import INTERRUPTED, STARTING_LINE
+from cli.signals import INTERRUPTED, STARTING_LINE, TORCHRUN_STOPPED_LINE
 
 REPO = Path(__file__).resolve().parents[2]
 BACKBONE = "test-cnn"
@@ -63,12 +63,14 @@ _PAUSE_HOOK = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path: Path, cli: str, args: list[str], pause_at: str) -> tuple[subprocess.Popen, Path]:
+def _start(tmp_path: Path, cli: str, args: list[str], pause_at: str,
+           extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
     """`cli args` as its console script runs it (`from cli.<cli> import main; main()`), pausing at
     `pause_at` ("module" or "module:function"); returns once it is there."""
     marker = tmp_path / f"paused-{time.monotonic_ns()}"
     script = _PAUSE_HOOK + f"sys.argv = [{cli!r}, *{args!r}]\nfrom cli.{cli} import main\nmain()\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PD_TEST_PAUSE_AT": pause_at, "PD_TEST_PAUSE_MARKER": str(marker)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PD_TEST_PAUSE_AT": pause_at, "PD_TEST_PAUSE_MARKER": str(marker),
+           **(extra_env or {})}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600  # generous: a loaded 2-core machine starts slowly
@@ -121,6 +123,25 @@ def test_a_signal_during_a_distillations_setup_is_one_line(store, tmp_path, sig)
     assert proc.returncode == INTERRUPTED, err
     assert err.strip() == "interrupted" and out == ""
     assert not (out_dir / "config.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("cli", ["engine", "fs"])
+def test_torchruns_sigterm_outside_a_collective_says_torchrun_stopped_the_rank(store, tmp_path, cli, sig):
+    """Before: a rank that torchrun stopped (its SIGTERM to every rank once one fails) while it computed
+    outside any collective printed a bare `interrupted`, which does not say why. A process that torchrun
+    started (TORCHELASTIC_RUN_ID in its environment) now says torchrun stopped it; Ctrl-C stays
+    `interrupted`."""
+    if cli == "engine":
+        args, pause_at = _distill_args(store, tmp_path / "out"), "engine.distill.prepare:prepare"
+    else:
+        args = ["build", "gratings", "--backbone", BACKBONE, "--store", str(tmp_path / "s"), "--quiet",
+                "--limit-per-class", "2"]
+        pause_at = "featurestore.build:_compute_units"
+    proc, marker = _start(tmp_path, cli, args, pause_at, {"TORCHELASTIC_RUN_ID": "test-run"})
+    out, err = _signal_and_release(proc, marker, sig)
+    assert proc.returncode == INTERRUPTED, err
+    assert err.strip() == (TORCHRUN_STOPPED_LINE if sig == signal.SIGTERM else "interrupted") and out == ""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
