@@ -195,7 +195,9 @@ def write_bench(rows: list[dict], args: argparse.Namespace) -> list[str]:
           "`above_intrinsic_mb` = peak - intrinsic: what the copies, the real side and the backbone cost.\n",
           markdown_table(rows, ["C", "ipc", "augs", "M", "mode", "seconds_per_step", "peak_rss_mb",
                                 "rss_at_start_mb", "intrinsic_mb", "above_intrinsic_mb", "final_loss"]),
-          "\n## Summary\n", "```json\n" + json.dumps(summary, indent=2) + "\n```\n"]
+          "\n## Summary\n", "```json\n" + json.dumps(summary, indent=2) + "\n```\n",
+          "What grows with C, phase by phase (a measurement written by hand, kept when this file is "
+          "regenerated): [bench_distill_growth.md](bench_distill_growth.md).\n"]
     write_results("bench_distill", payload, "\n".join(md))
     plot(rows, RESULTS_DIR / "bench_distill.png")
     return md
