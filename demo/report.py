@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from demo.settings import BACKBONES, BASELINE_KINDS, CURVE_EVERY, DEMO_DIR, Demo, distill_runs
-from engine.distill.config import DistillConfig
 from engine.distill.outdir import CONFIG_FILE, GRID_FILE, LOSS_PLOT_FILE, METRICS_FILE
 
 
@@ -88,8 +87,8 @@ def _setup_text(demo: Demo, val_rows: int, eval_cfg: Any) -> str:
         f"{sampling_error:.1f} points (binomial, at 70 %) that the ± over probe seeds does not show. "
         f"Backbones {', '.join(f'`{b}`' for b in BACKBONES)} at {args.image_size} px. "
         f"One image per class distilled with the defaults of `engine distill` (`--init {', '.join(inits)}`) "
-        f"but `--steps {args.steps}`{f' `--augs {args.augs}`' if args.augs != DistillConfig.augs else ''} "
-        f"(a CPU budget; the authors run 5000 steps with 10 copies){f' and `--eval-every {CURVE_EVERY}` (the curves)' if args.full else ''}: {run_list}. "
+        f"but `--steps {args.steps} --augs {args.augs}` (a CPU budget; the authors run 5000 steps with 10 "
+        f"copies){f' and `--eval-every {CURVE_EVERY}` (the curves)' if args.full else ''}: {run_list}. "
         f"Probe evaluation: {eval_cfg.seeds} seeds, {eval_cfg.epochs} epochs. Store: `{demo.store}`. The last column "
         "of the table is the mean over the backbones a set was not distilled on (transfer).")
     if not args.full:

@@ -57,9 +57,7 @@ class DistillConfig:
                                          "the stored train features stops improving: a check every 50 steps), "
                                          "constant (the authors'), or cosine (lr x (1 + cos(pi t / steps)) / 2 at "
                                          "step t). README, Quality: the rate's schedule.")
-    augs: int = option(2, "Augmented copies of every synthetic image per step (the authors: 10; here the real "
-                          "side is exact whatever --augs, and 2 transfer better at a fifth of the step time: README, "
-                          "Differences from the authors' code).")
+    augs: int = option(10, "Augmented copies of every synthetic image per step.")
     real_batch: int | str = option("auto", "Real rows per step: auto (every row when the whole split's gradient "
                                            "fits the compute and memory budget, else the largest sample that fits), "
                                            "full (every row), or an integer (the authors: ipc*augs*classes).")
