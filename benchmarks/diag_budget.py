@@ -4,7 +4,7 @@ defaults, on the whole test split.
 Budget: the default runs of benchmarks.diag_lr_schedule (1000 steps, plateau schedule) continued to 2000
 steps (a copy of the 1000-step run resumed with `--steps 2000`: bit for bit the 2000-step run, as
 `test_steps_may_grow_on_resume_under_grow_every_auto` checks; without that run it distills from step 0), and
-the CNN's set at 400 steps with `--augs 2` and `--augs 10`.
+the CNN's set (400 and 1000 steps) and DINOv2's (400 steps) with `--augs 2` and `--augs 10`.
 
 Pixel prior (`--pixel-prior`, engine.distill.pixel_prior): a hinge that keeps each image's per-channel pixel
 mean and std within one spread of its class's real images. Measured where the pixels stay real (the
@@ -18,7 +18,7 @@ whole test split (10,000 images) with the authors' protocol, 5 probe seeds, on e
 dinov2-vits14-imgfocus and the held-out opennsfw-resnet50. The stores and the 1000-step rows are those of
 benchmarks.diag_lr_schedule (the same --work).
 
-    python -m benchmarks.diag_budget                  # ~3 h on 2 CPU cores (cached: a rerun continues)
+    python -m benchmarks.diag_budget                  # ~5 h on 2 CPU cores (cached: a rerun continues)
     python -m benchmarks.diag_budget --only lgm-effnet-prior-1000
 
 Results: benchmarks/results/diag_budget.{json,md}.
@@ -52,6 +52,8 @@ RUNS: dict[str, tuple[list[str], int, dict[str, Any], str | None]] = {
     "lgm-effnet-400": ([EFFNET], 400, {}, None),
     "lgm-effnet-augs10-400": ([EFFNET], 400, {"augs": 10}, None),
     "lgm-effnet-augs10-1000": ([EFFNET], 1000, {"augs": 10}, None),
+    "lgm-dinov2-400": ([DINOV2], 400, {}, None),
+    "lgm-dinov2-augs10-400": ([DINOV2], 400, {"augs": 10}, None),
     "lgm-effnet-prior-1000": ([EFFNET], 1000, {"pixel_prior": 1.0}, None),
     "lgm-effnet-plateau-1000-seed1": ([EFFNET], 1000, {"seed": 1}, None),
     "lgm-effnet-old-rate-300": ([EFFNET], 300, OLD_RATE, None),
