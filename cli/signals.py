@@ -28,8 +28,8 @@ INTERRUPTED = 130  # the exit code of Ctrl-C and SIGTERM (128 + SIGINT, the shel
 STARTING_LINE = "error: interrupted while starting; nothing was written"
 # torchrun sets TORCHELASTIC_RUN_ID in every process it starts, and SIGTERMs them all when one fails: a rank
 # it stops outside a collective never sees the failure itself, so its line says where to look.
-TORCHRUN_STOPPED_LINE = ("interrupted: torchrun stopped this rank (SIGTERM), as it stops every rank when one "
-                         "fails or is stopped; its summary names that rank")
+TORCHRUN_STOPPED_LINE = ("interrupted: torchrun stopped this rank (SIGTERM); it does so when another rank fails "
+                         "(its summary names that rank) or when torchrun itself is stopped")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _owned = [False]  # this process was started by `on_start`: its handlers are ours to change
 _received: list[int | None] = [None]  # the last signal turned into a KeyboardInterrupt
