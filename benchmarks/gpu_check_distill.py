@@ -93,7 +93,7 @@ def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int,
                                generator=gens["init"], device=device)
     side = SyntheticSide(backbone, augs, True, AugmentConfig())
     copies = side.copies(synthetic.n)
-    per_pass, pass_info = resolve_copies_per_pass("auto", side, synthetic.images().detach(), copies)
+    per_pass, pass_info = resolve_copies_per_pass("auto", side, synthetic, copies)
     member = Member(split=None, backbone=backbone, real=real, side=side, weight=1.0, copies_per_pass=per_pass,
                     pass_info=pass_info, real_batch_note=real_batch_note)
     dist_ctx = init_process_group_from_env(device)

@@ -30,6 +30,10 @@ appear in the synthetic images.
 parameterization (src/synsets/pixels.py): the same colour matrix, then sigmoid(2x) (not clamping:
 gradients never vanish at the borders and the values stay in [0, 1] without projection). Noise init N(0,
 1) (scaled by `noise_std`); real init maps the real image back through the sigmoid and the colour matrix.
+
+In both, every parameter tensor has one row per image and an image depends on its own rows only: a subset
+of the images decodes from the same rows of each parameter (`images_from`). The distill step relies on it
+to decode, per backbone pass, only the images that pass uses (engine.distill.backprop).
 """
 
 from __future__ import annotations
@@ -98,6 +102,16 @@ def encode(images: Tensor, channels: int, decorrelate: bool = True) -> Tensor:
     return rgb_to_decorrelated(logits) if decorrelate else logits
 
 
+def _parameter(values: Tensor, copy: bool = False) -> Tensor:
+    """A parameter tensor of `values`, contiguous, requiring grad (`copy`: never sharing their memory).
+    Contiguous because the encode's einsum returns a permuted layout, and Adam's fused update copies
+    non-contiguous tensors to contiguous ones at every step (measured: a transient of the set's size)."""
+    values = values.detach()
+    if copy:
+        values = values.clone(memory_format=torch.contiguous_format)
+    return values.contiguous().requires_grad_(True)
+
+
 def check_channels(channels: int) -> None:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 3 (colour) or 1 (grey), got {channels}")
@@ -145,8 +159,7 @@ class PyramidImages:
             self.levels = levels
         else:
             raise ValueError(f"init must be 'noise', 'zero' or 'real', got {init!r}")
-        for level in self.levels:
-            level.requires_grad_(True)
+        self.levels = [_parameter(level) for level in self.levels]
 
     def _noise(self, size: int) -> Tensor:
         return torch.randn(self.n, self.channels, size, size, generator=self.generator).to(self.device)
@@ -181,12 +194,16 @@ class PyramidImages:
         else:
             levels = [level.detach().clone() for level in self.levels]
             levels.append(torch.zeros(self.n, self.channels, size, size, device=self.device))
-        self.levels = [level.requires_grad_(True) for level in levels]
+        self.levels = [_parameter(level) for level in levels]
 
     def images(self) -> Tensor:
+        return self.images_from(self.levels)
+
+    def images_from(self, levels: list[Tensor]) -> Tensor:
+        """Decoded images of these levels: `parameters()` itself, or the same rows of each level."""
         r = self.resolution
         total = None
-        for level in self.levels:
+        for level in levels:
             up = level if level.shape[-1] == r else F.interpolate(level, size=(r, r), mode="bilinear",
                                                                    align_corners=False, antialias=False)
             total = up if total is None else total + up
@@ -204,7 +221,7 @@ class PyramidImages:
             if tuple(level.shape) != (self.n, self.channels, size, size):
                 raise ValueError(f"checkpoint level of shape {tuple(level.shape)} does not fit "
                                  f"{self.n} images at {self.resolution} px")
-        self.levels = [level.to(self.device).clone().requires_grad_(True) for level in levels]
+        self.levels = [_parameter(level.to(self.device), copy=True) for level in levels]
         self.generator.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
@@ -244,7 +261,7 @@ class PixelImages:
             logits = encode(real_images.float().cpu(), channels, decorrelate)
         else:
             raise ValueError(f"init must be 'noise', 'zero' or 'real', got {init!r}")
-        self.logits = logits.to(self.device).requires_grad_(True)
+        self.logits = _parameter(logits.to(self.device))
 
     complete = True
 
@@ -255,7 +272,12 @@ class PixelImages:
         return False
 
     def images(self) -> Tensor:
-        return decode(self.logits, self.decorrelate)
+        return self.images_from([self.logits])
+
+    def images_from(self, params: list[Tensor]) -> Tensor:
+        """Decoded images of `[logits]`: `parameters()` itself, or some of its rows."""
+        (logits,) = params
+        return decode(logits, self.decorrelate)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "logits": self.logits.detach().cpu().clone()}
@@ -266,7 +288,7 @@ class PixelImages:
         if tuple(state["logits"].shape) != tuple(self.logits.shape):
             raise ValueError(f"checkpoint pixels of shape {tuple(state['logits'].shape)} do not fit "
                              f"{tuple(self.logits.shape)}")
-        self.logits = state["logits"].to(self.device).clone().requires_grad_(True)
+        self.logits = _parameter(state["logits"].to(self.device), copy=True)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "resolution": self.resolution, "init": self.init,

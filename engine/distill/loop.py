@@ -36,7 +36,7 @@ from engine.distill.outdir import (CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGE
                                    recheck_out_dir)
 from engine.distill.pixel_prior import pixel_prior
 from engine.distill.prepare import prepare
-from engine.distill.run import Clock, DistillResult, Run
+from engine.distill.run import Clock, DistillResult, Run, adam
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
 from engine.imagefolder import write_imagefolder
@@ -129,7 +129,7 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
     synthetic, generators = run.synthetic, run.generators
     # The order of random draws: growth (init stream), real batches, augmentations, then the heads.
     if synthetic.grow(index):
-        run.optimizer = torch.optim.Adam(synthetic.parameters(), lr=run.lr_history[-1]["lr"])
+        run.optimizer = adam(synthetic.parameters(), run.lr_history[-1]["lr"])
     reals = [member.real.sample(generators["real"]) for member in run.members]
     augmentations = run.members[0].side.draw(synthetic.n, generators["augment"])
     run.optimizer.zero_grad(set_to_none=True)
@@ -145,7 +145,7 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
             return weight * run.objective.loss(syn_features, copy_labels, real_features, real_labels,
                                                generators["head"])
 
-        loss = member.side.loss_and_backward(synthetic.images, synthetic.labels, augmentations, member.copies_per_pass,
+        loss = member.side.loss_and_backward(synthetic, augmentations, member.copies_per_pass,
                                              loss_fn, run.ctx.rank, run.ctx.world_size)
         losses.append(float(loss) / member.weight)
     loss_value = sum(member.weight * value for member, value in zip(run.members, losses))

@@ -11,9 +11,10 @@ from engine.distill.config import DistillConfig, DistillError
 from featurestore.runtime import free_memory
 
 # Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels),
-# their gradients and two Adam moments (4 x 4/3 x 4 bytes), plus the decoded images and the buffers of
-# decoding them forward and backward (~5 x 4 bytes). An estimate, to refuse impossible runs up front.
-_BYTES_PER_SYNTHETIC_VALUE = 42
+# their gradient and Adam's two moments (4 x 4/3 x 4 bytes), plus one decoded copy of the set and a
+# buffer of its decode (2 x 4 bytes: the set-fit check, the outputs; a step decodes pass by pass,
+# engine.distill.backprop). An estimate, to refuse impossible runs up front.
+_BYTES_PER_SYNTHETIC_VALUE = 30
 
 
 # Per augmented copy and step, whatever --chunk does: its features and their gradient (float32 [D] each,

@@ -21,7 +21,7 @@ from engine.distill.members import Member, make_members, member_fit, member_quic
 from engine.distill.memory import check_memory
 from engine.distill.outdir import CHECKPOINT_FILE, check_out_dir
 from engine.distill.pixel_prior import PixelStatistics, real_pixel_statistics
-from engine.distill.run import Run
+from engine.distill.run import Run, adam
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.imagefolder import class_folder_names
 from engine.objectives import Objective, get_objective
@@ -214,7 +214,7 @@ class StartState:
 
 
 def fresh_start(synthetic: SyntheticImages, lr: float) -> StartState:
-    return StartState(optimizer=torch.optim.Adam(synthetic.parameters(), lr=lr), start_step=0, metrics=[],
+    return StartState(optimizer=adam(synthetic.parameters(), lr), start_step=0, metrics=[],
                     lr_history=[{"from_step": 0, "lr": lr}])
 
 
@@ -224,7 +224,7 @@ def restored_start(checkpoint: dict[str, Any], synthetic: SyntheticImages, gener
     way out of a diverged run) applies from the checkpoint's step and is recorded."""
     try:
         synthetic.load_state_dict(checkpoint["synthetic"])
-        optimizer = torch.optim.Adam(synthetic.parameters(), lr=lr)
+        optimizer = adam(synthetic.parameters(), lr)
         optimizer.load_state_dict(checkpoint["optimizer"])
         for name, gen in generators.items():
             gen.set_state(checkpoint["generators"][name])
@@ -252,7 +252,7 @@ def size_passes(cfg: DistillConfig, ctx: DistContext, store, members: list[Membe
     shares = [contiguous_share(copies_per_step, r, ctx.world_size) for r in range(ctx.world_size)]
     for member in members:
         member.copies_per_pass, member.pass_info = resolve_copies_per_pass(
-            parse_chunk(cfg.chunk), member.side, synthetic.images().detach(), copies=max(1, len(shares[ctx.rank])))
+            parse_chunk(cfg.chunk), member.side, synthetic, copies=max(1, len(shares[ctx.rank])))
         if cfg.eval_every:
             member.quick_probe = member_quick_probe(cfg, ctx, store, member, synthetic)
         if cfg.lr_schedule == "plateau":

@@ -129,3 +129,23 @@ def test_zero_init_is_the_authors_init_mode_zero():
     assert not torch.allclose(syn.images(), torch.full_like(target, 0.5))
     pixels = PixelImages(2, 1, 8, init="zero")
     torch.testing.assert_close(pixels.images(), torch.full((2, 3, 8, 8), 0.5))
+
+
+def test_parameters_are_contiguous_from_every_source_and_rows_decode_like_the_whole():
+    """Fused Adam copies a non-contiguous parameter every step (the real init's einsum gives a permuted
+    layout); and a subset of rows decodes to those rows of the whole decode (engine.distill.backprop)."""
+    gen = torch.Generator().manual_seed(2)
+    real = torch.rand(4, 3, 16, 16, generator=gen) * 0.9 + 0.05
+    made = [PixelImages(2, 2, 16, init="real", real_images=real), PyramidImages(2, 2, 16, init="real", real_images=real),
+            PixelImages(2, 2, 16, init="noise"), PyramidImages(2, 2, 16, init="noise", grow_every=1)]
+    made[-1].grow(3)
+    loaded = PixelImages(2, 2, 16, init="zero")
+    state = made[0].state_dict()
+    state["logits"] = state["logits"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last
+    loaded.load_state_dict(state)
+    assert not state["logits"].is_contiguous() and loaded.logits.data_ptr() != state["logits"].data_ptr()
+    for syn in made + [loaded]:
+        assert all(p.is_contiguous() and p.requires_grad and p.is_leaf for p in syn.parameters())
+        rows = torch.tensor([3, 1])
+        torch.testing.assert_close(syn.images_from([p.detach()[rows] for p in syn.parameters()]),
+                                   syn.images().detach()[rows], atol=1e-6, rtol=0)

@@ -70,10 +70,10 @@ def _gradient_step(chunk: int, distributed: bool, rank: int = 0, world: int = 1)
         return obj.loss(f, y, real, real_y, torch.Generator().manual_seed(9))
 
     if distributed:
-        loss = forward.loss_and_backward(syn.images, syn.labels, plan, chunk, loss_fn, rank, world)
+        loss = forward.loss_and_backward(syn, plan, chunk, loss_fn, rank, world)
         assert reduce_step(syn.parameters(), stop=False, nonfinite=False) == (False, False)
     else:
-        loss = forward.loss_and_backward(syn.images, syn.labels, plan, chunk, loss_fn)
+        loss = forward.loss_and_backward(syn, plan, chunk, loss_fn)
     return loss, [p.grad.clone() for p in syn.parameters()]
 
 
