@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from featurestore.runtime import atomic_write_bytes
+from featurestore.runtime import atomic_write_bytes, atomic_write_path
 
 # A page of the grid shows at most this many classes (each with at most GRID_MAX_PER_CLASS images): 100
 # labelled tiles stay readable; 1000 would be a poster of unreadable thumbnails.
@@ -24,13 +24,15 @@ GRID_MAX_PER_CLASS = 10
 def save_safetensors(path: str | os.PathLike, images: Tensor, labels: Tensor, class_names: Sequence[str],
                      config: dict[str, Any]) -> None:
     """images float32 [N, 3, H, W] in [0, 1], labels int64 [N]; class names and config in the metadata."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     tensors = {"images": images.detach().float().cpu().contiguous(),
                "labels": labels.detach().to(torch.int64).cpu().contiguous()}
     metadata = {"class_names": json.dumps(list(class_names)), "config": json.dumps(config, sort_keys=True),
                 "format": "probe-distill distilled set: images float32 [N,3,H,W] in [0,1], labels int64 [N]"}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    # save_file writes the tensors' memory straight into the file; `save` built the whole file as bytes
+    # first, a second copy of the set (at 1000 images of 128 px, the run's peak memory).
+    atomic_write_path(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _figure_bytes(fig) -> bytes:

@@ -162,14 +162,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """`atomic_write_bytes` for content written by `write(file)` straight into the temp file (e.g.
     `torch.save`), so a large file is never held whole in memory as bytes first."""
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            write(fh)
+
+    atomic_write_path(path, to_file)
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """`atomic_write_stream` for writers that take a file name (safetensors' `save_file`, which writes the
+    tensors' memory straight to the file): `write(temp path)`, fsync, then rename into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         # mkstemp creates 0600 files; give the result the usual umask-derived mode instead.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
