@@ -265,8 +265,8 @@ def _save_on_stop(run: Run, index: int) -> None:
 
 def finish(run: Run) -> DistillResult:
     """Outputs (every rank holds the same images; rank 0 writes them)."""
-    # The last gradients and Adam's moments (3x the synthetic set; the checkpoint holds them) are freed
-    # before the outputs copy the images: otherwise writing them was as high a peak as a step's.
+    # Adam's moments (2x the synthetic set; the checkpoint holds them) are freed before the outputs copy
+    # the images (the last gradient already was, by the last update).
     run.optimizer.zero_grad(set_to_none=True)
     run.optimizer.state.clear()
     with torch.no_grad():

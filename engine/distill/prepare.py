@@ -21,7 +21,7 @@ from engine.distill.members import Member, make_members, member_fit, member_quic
 from engine.distill.memory import check_memory
 from engine.distill.outdir import CHECKPOINT_FILE, check_out_dir
 from engine.distill.pixel_prior import PixelStatistics, real_pixel_statistics
-from engine.distill.run import Run, adam
+from engine.distill.run import Run, adam, load_adam_state
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.imagefolder import class_folder_names
 from engine.objectives import Objective, get_objective
@@ -225,7 +225,7 @@ def restored_start(checkpoint: dict[str, Any], synthetic: SyntheticImages, gener
     try:
         synthetic.load_state_dict(checkpoint["synthetic"])
         optimizer = adam(synthetic.parameters(), lr)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_adam_state(optimizer, checkpoint["optimizer"])
         for name, gen in generators.items():
             gen.set_state(checkpoint["generators"][name])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:

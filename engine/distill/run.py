@@ -204,9 +204,21 @@ def adam(parameters: list[Tensor], lr: float) -> torch.optim.Adam:
     CUDA). Fused, the update reads and writes the parameters and both moments in place; torch's default
     (foreach) update allocates two more tensors of the parameters' size for the step (measured here: 287
     MB transient for 144 MB of parameters, and 6x slower on a CPU), which at 1000+ images is the step's
-    peak memory. Same update rule and state_dict, so checkpoints of either load into the other."""
+    peak memory. The same update rule and state; a checkpoint of either resumes in the other through
+    `load_adam_state`."""
     fused = parameters[0].device.type in ("cpu", "cuda")
     return torch.optim.Adam(parameters, lr=lr, fused=fused or None)
+
+
+def load_adam_state(optimizer: torch.optim.Adam, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)` keeping this optimizer's implementation: torch takes each
+    group's `fused` / `foreach` flags from the saved groups, so a checkpoint of the foreach update (before
+    2026-12-07) would turn the fused update off for the rest of the run, and a CUDA checkpoint resumed
+    elsewhere would ask for a fused kernel that device may lack. Set before the load, so that torch also
+    moves `step` where the fused kernel wants it."""
+    ours = [{key: group[key] for key in ("fused", "foreach")} for group in optimizer.param_groups]
+    groups = [dict(saved, **flags) for saved, flags in zip(state["param_groups"], ours)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def stepping_run(ctx: DistContext, members: list[Member], objective: Objective, synthetic: SyntheticImages,

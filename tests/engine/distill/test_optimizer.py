@@ -1,5 +1,6 @@
 """engine.distill.run.adam: the image parameters' Adam is torch's fused one on a CPU, the same update as
-torch's default (foreach) one and state_dict-compatible both ways; a step frees the gradient."""
+torch's default (foreach) one; a checkpoint of either resumes in the other keeping the fused update; a
+step frees the gradient."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 
 import torch
 
-from engine.distill.run import adam, stepping_run
+from engine.distill.run import adam, load_adam_state, stepping_run
 from engine.objectives import get_objective
 from engine.parameterizations import PixelImages
 from engine.distill.seeds import make_generators
@@ -32,8 +33,13 @@ def test_fused_adam_matches_torchs_default_and_loads_its_state_both_ways():
     swapped_ours, swapped_theirs = ours.detach().clone().requires_grad_(True), theirs.detach().clone().requires_grad_(True)
     into_fused, into_default = adam([swapped_theirs], 1e-2), torch.optim.Adam([swapped_ours], lr=1e-2)
     # (copies: load_state_dict keeps the given tensors, as a checkpoint read from its file would be)
-    into_fused.load_state_dict(copy.deepcopy(default.state_dict()))
-    into_default.load_state_dict(copy.deepcopy(fused.state_dict()))
+    load_adam_state(into_fused, copy.deepcopy(default.state_dict()))
+    load_adam_state(into_default, copy.deepcopy(fused.state_dict()))
+    # Each keeps its own implementation (torch's load_state_dict alone takes the saved one's flags).
+    assert into_fused.param_groups[0]["fused"] and not into_default.param_groups[0]["fused"]
+    plain = adam([swapped_theirs.detach().clone().requires_grad_(True)], 1e-2)
+    plain.load_state_dict(copy.deepcopy(default.state_dict()))
+    assert not plain.param_groups[0]["fused"]  # what load_adam_state is for
     for opt, p in ((fused, ours), (default, theirs), (into_fused, swapped_theirs), (into_default, swapped_ours)):
         p.grad = _grads(7, p)
         opt.step()
@@ -54,3 +60,25 @@ def test_optimizer_step_frees_the_gradient():
     assert synthetic.logits.grad is None
     assert not torch.equal(synthetic.logits.detach(), before)
     assert sorted(run.optimizer.state[synthetic.logits]) == ["exp_avg", "exp_avg_sq", "step"]
+
+
+def test_resuming_a_checkpoint_of_the_foreach_update_keeps_the_fused_one(tmp_path):
+    """A checkpoint written before 2026-12-07 holds `fused: None` in its groups: the resumed run must still
+    use (and later save) the fused update, with Adam's moments and step as saved."""
+    from engine.distill.prepare import restored_start
+
+    synthetic = PixelImages(2, 1, 8, init="noise")
+    old = torch.optim.Adam(synthetic.parameters(), lr=1e-2)
+    synthetic.logits.grad = torch.ones_like(synthetic.logits)
+    old.step()
+    generators = make_generators(0)
+    checkpoint = {"synthetic": synthetic.state_dict(), "optimizer": copy.deepcopy(old.state_dict()),
+                  "generators": {name: gen.get_state() for name, gen in generators.items()}, "step": 1,
+                  "metrics": [], "lr_history": [{"from_step": 0, "lr": 1e-2}]}
+    resumed = PixelImages(2, 1, 8, init="zero")
+    start = restored_start(checkpoint, resumed, make_generators(1), 1e-2, tmp_path, main=True)
+    group = start.optimizer.param_groups[0]
+    assert group["fused"] and start.optimizer.state_dict()["param_groups"][0]["fused"]
+    state = start.optimizer.state[resumed.logits]
+    assert float(state["step"]) == 1.0
+    torch.testing.assert_close(state["exp_avg"], old.state[synthetic.logits]["exp_avg"], atol=0, rtol=0)
