@@ -101,11 +101,8 @@ def encode(images: Tensor, channels: int, decorrelate: bool = True) -> Tensor:
     out = torch.empty(images.shape[0], channels, *images.shape[2:], dtype=images.dtype, device=images.device)
     for start in range(0, images.shape[0], _ENCODE_BLOCK):
         block = images[start:start + _ENCODE_BLOCK]
-        if channels == 1:
-            out[start:start + _ENCODE_BLOCK] = _logit(block.mean(dim=1, keepdim=True)) / 2
-            continue
-        logits = _logit(block) / 2
-        out[start:start + _ENCODE_BLOCK] = rgb_to_decorrelated(logits) if decorrelate else logits
+        logits = _logit(block.mean(dim=1, keepdim=True) if channels == 1 else block) / 2
+        out[start:start + _ENCODE_BLOCK] = rgb_to_decorrelated(logits) if decorrelate and channels == 3 else logits
     return out
 
 
@@ -117,9 +114,8 @@ def _parameter(values: Tensor, copy: bool = False) -> Tensor:
     Contiguous because the encode's einsum returns a permuted layout, and Adam's fused update copies
     non-contiguous tensors to contiguous ones at every step (measured: a transient of the set's size)."""
     values = values.detach()
-    if copy:
-        values = values.clone(memory_format=torch.contiguous_format)
-    return values.contiguous().requires_grad_(True)
+    values = values.clone(memory_format=torch.contiguous_format) if copy else values.contiguous()
+    return values.requires_grad_(True)
 
 
 def check_channels(channels: int) -> None:

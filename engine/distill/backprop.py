@@ -18,11 +18,11 @@ the single pass when the whole graph fits in the memory budget.
 Each pass decodes only the images its copies come from (`SyntheticImages.images_from` on those rows of
 the parameters, detached), and its image-parameter gradient is added into those rows of the parameters'
 `.grad`. So besides the parameters, their gradient and Adam's two moments, nothing of the size of the
-whole synthetic set is held: not the decoded images, their graph or their gradient (except with
-`--pixel-prior`, off by default: rank 0 decodes the whole set once per step for that term) (at 1000 images of
-112 px those were 3 of the 7.4 set-sized float32 tensors held at the backward's peak:
-benchmarks/results/bench_distill_growth.md). Decoding a pass's images again in the backward pass costs
-little beside the backbone.
+whole synthetic set is held: not the decoded images, their graph or their gradient (at 1000 images of 112
+px those were 3 of the 7.4 set-sized float32 tensors held at the backward's peak:
+benchmarks/results/bench_distill_growth.md). The exception is `--pixel-prior` (off by default): rank 0
+decodes the whole set once per step for that term. Decoding a pass's images again in the backward pass
+costs little beside the backbone.
 
 Several processes: each rank runs a contiguous share of the M copies (`featurestore.distributed.
 contiguous_share`), an all-gather assembles the [M, D] features (small), every rank computes the same

@@ -266,8 +266,7 @@ def _save_on_stop(run: Run, index: int) -> None:
 def finish(run: Run) -> DistillResult:
     """Outputs (every rank holds the same images; rank 0 writes them)."""
     # Adam's moments (2x the synthetic set; the checkpoint holds them) are freed before the outputs copy
-    # the images (the last gradient already was, by the last update).
-    run.optimizer.zero_grad(set_to_none=True)
+    # the images (the last gradient already was, by Run.optimizer_step).
     run.optimizer.state.clear()
     with torch.no_grad():
         images = run.synthetic.images().detach().float().cpu()

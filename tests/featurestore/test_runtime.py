@@ -54,14 +54,14 @@ def test_atomic_write_path_renames_a_finished_file_and_leaves_nothing_on_failure
     import torch
     from safetensors.torch import load_file, save_file
 
-    from featurestore.runtime import atomic_write_path
+    from featurestore.runtime import _umask, atomic_write_path
 
     target = tmp_path / "set.safetensors"
     images = torch.rand(3, 3, 4, 4)
     atomic_write_path(target, lambda tmp: save_file({"images": images}, tmp))
     assert torch.equal(load_file(target)["images"], images)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.safetensors"]
-    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
     def half_then_fail(tmp):
         tmp.write_bytes(b"half")
@@ -72,10 +72,3 @@ def test_atomic_write_path_renames_a_finished_file_and_leaves_nothing_on_failure
     assert torch.equal(load_file(target)["images"], images)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.safetensors"]
 
-
-def _current_umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
