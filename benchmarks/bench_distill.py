@@ -64,18 +64,18 @@ def make_imagefolder(root: Path, num_classes: int, per_class: dict[str, int]) ->
 
 
 # Memory the synthetic set itself needs, whatever the method or the number of copies: per value of its N
-# = C * ipc images' parameters, the parameters, their gradient and Adam's two moments, float32 — what any
-# Adam-based distillation holds (the authors' code and end-to-end mode hold the decoded images, their
-# graph and gradient besides; a chunked step decodes pass by pass: engine.distill.backprop). It grows
-# with C; the memory "flat in copies" is what lies above it.
+# = C * ipc images' parameters, the parameters and Adam's two moments, float32 — what any Adam-based
+# distillation holds (the authors' code besides holds the decoded images, their graph and the gradient;
+# our step decodes pass by pass and, with one backbone in one process, updates each image as its gradient
+# completes: engine.distill.backprop). It grows with C; the memory "flat in copies" is what lies above it.
 def intrinsic_mb(result) -> float | None:
-    """Four float32 tensors of the parameters' size (a `pixels` parameterization); None for the pyramid
+    """Three float32 tensors of the parameters' size (a `pixels` parameterization); None for the pyramid
     (its levels: not what this bench runs)."""
     if result.config["synthetic"]["kind"] != "pixels":
         return None
     decoded = result.images.numel()
     params = decoded // 3 if result.config["resolved"]["colour"] == "grey" else decoded
-    return 4 * 4 * params / 2**20
+    return 3 * 4 * params / 2**20
 
 
 def child(spec: dict) -> dict:
@@ -188,9 +188,10 @@ def write_bench(rows: list[dict], args: argparse.Namespace) -> list[str]:
     payload = {"backbone": args.backbone, "size": args.size, "steps": args.steps, "rows": rows, "summary": summary}
     md = [f"Backbone `{args.backbone}` at {args.size} px; {args.steps} steps per run (median step time after "
           "the first); peak memory = peak RSS of a fresh child process per run (CUDA: max allocated).\n",
-          "`intrinsic_mb`: the synthetic set's own memory, 4 bytes x 4 x its parameter values: the "
-          "parameters, their gradient and Adam's two moments, held by any Adam-based distillation; it grows "
-          "with C * ipc whatever the method. "
+          "`intrinsic_mb`: the synthetic set's own memory, 4 bytes x 3 x its parameter values: the "
+          "parameters and Adam's two moments, held by any Adam-based distillation (one backbone in one "
+          "process updates each image as its gradient completes, so no gradient of the set is held); it "
+          "grows with C * ipc whatever the method. "
           "`above_intrinsic_mb` = peak - intrinsic: what the copies, the real side and the backbone cost.\n",
           markdown_table(rows, ["C", "ipc", "augs", "M", "mode", "seconds_per_step", "peak_rss_mb",
                                 "rss_at_start_mb", "intrinsic_mb", "above_intrinsic_mb", "final_loss"]),

@@ -67,7 +67,7 @@ def _real_source(mode: str, backbone, c: int, n_store: int, authors_batch: int, 
 def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int, warmup: int, steps: int,
                  ctx: Context) -> dict[str, Any]:
     """`steps` timed LGM steps (after `warmup`): engine.distill.loop.step, the step `engine distill` runs,
-    then the optimizer update."""
+    then its update (Run.optimizer_step, which runs the back-propagation in a single process)."""
     import math
 
     import torch
@@ -103,8 +103,8 @@ def distill_mode(mode: str, backbone, c: int, ipc: int, augs: int, n_store: int,
         for index in range(warmup + steps):
             ctx.sync()
             start = time.perf_counter()
-            loss, _, _ = step(run, index, [False])
-            run.optimizer.step()
+            loss, _, _, pending = step(run, index, [False])
+            run.optimizer_step(index, pending)
             ctx.sync()
             if index >= warmup:
                 times.append(time.perf_counter() - start)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -89,6 +90,17 @@ def _render_grid(classes: Sequence[int], per_class_index: dict[int, list[int]], 
     return fig
 
 
+class _GridPixels:
+    """pixels[i]: image i as float [H, W, 3] in [0, 1], converted when the grid shows it (a copy of the
+    whole set would be 1 P more memory at the end of a large run, for the few images a page shows)."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images.detach()
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.images[index].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
 def save_grid(path: str | os.PathLike, images: Tensor, labels: Tensor, class_names: Sequence[str]) -> None:
     """The images as a labelled, near-square grid of classes (each class: its first GRID_MAX_PER_CLASS
     images side by side, its name above). With more than GRID_MAX_CLASSES classes, `path` is an overview of
@@ -101,7 +113,7 @@ def save_grid(path: str | os.PathLike, images: Tensor, labels: Tensor, class_nam
     for i, v in enumerate(labels_list):
         if len(per_class_index[v]) < GRID_MAX_PER_CLASS:
             per_class_index[v].append(i)
-    pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = _GridPixels(images)
     overview, pages = grid_pages(classes)
     path = Path(path)
     outputs = [(path, overview, None if len(pages) == 1 else

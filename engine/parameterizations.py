@@ -216,7 +216,9 @@ class PyramidImages:
         return decode(total, self.decorrelate)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "levels": [level.detach().cpu().clone() for level in self.levels],
+        # References, as torch's Module.state_dict (on a CPU the live tensors): the checkpoint writes them at
+        # once, and a copy would hold the set twice at every checkpoint. load_state_dict copies.
+        return {"kind": self.kind, "levels": [level.detach().cpu() for level in self.levels],
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -286,7 +288,7 @@ class PixelImages:
         return decode(logits, self.decorrelate)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "logits": self.logits.detach().cpu().clone()}
+        return {"kind": self.kind, "logits": self.logits.detach().cpu()}  # references: see PyramidImages
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind:

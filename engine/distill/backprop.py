@@ -7,6 +7,10 @@ the augmentation generator), so the random stream and therefore the result do no
 copies are split into passes or across ranks. With augmentation off every copy would be identical, so
 one centre-cropped copy per image is used (the mean gradient over identical copies is the same).
 
+Passes run over the copies in image-major order: position p is augmentation p % augs of image p // augs
+(copy (p % augs) * n + p // augs), so a pass covers a contiguous run of images, whole images whenever
+their copies fit in a pass (`image_aligned_passes`). The loss sees the features in copy order.
+
 Chunked back-propagation (`copies_per_pass` < M): the loss depends on the images only through the
 [M, D] features. So the features are computed pass by pass WITHOUT a graph, the loss and dLoss/dFeatures
 are computed on that small problem, and each pass is run again WITH a graph (replaying the same
@@ -15,14 +19,21 @@ those of one pass with the whole graph; peak memory is bounded by one pass's gra
 images'. The price is one extra no-graph forward per step. `resolve_copies_per_pass("auto", ...)` keeps
 the single pass when the whole graph fits in the memory budget.
 
-Each pass decodes only the images its copies come from (`SyntheticImages.images_from` on those rows of
-the parameters, detached), and its image-parameter gradient is added into those rows of the parameters'
-`.grad`. So besides the parameters, their gradient and Adam's two moments, nothing of the size of the
-whole synthetic set is held: not the decoded images, their graph or their gradient (at 1000 images of 112
-px those were 3 of the 7.4 set-sized float32 tensors held at the backward's peak:
-benchmarks/results/bench_distill_growth.md). The exception is `--pixel-prior` (off by default): rank 0
-decodes the whole set once per step for that term. Decoding a pass's images again in the backward pass
-costs little beside the backbone.
+Each pass decodes only the images its copies come from (`SyntheticImages.images_from` on views of those
+rows of the parameters, detached), so neither the decoded set, its graph nor its gradient is ever held
+(at 1000 images of 112 px those were 3 of the 7.4 set-sized float32 tensors held at the backward's peak:
+benchmarks/results/bench_distill_growth.md). Decoding a pass's images again in the backward pass costs
+little beside the backbone. The back-propagation is returned ready to run (`PendingBackward`) and goes
+one of two ways:
+- `into_adam` (one process, one backbone, no --pixel-prior: the default): once a pass completes the
+  copies of its images, Adam updates those images' rows with that gradient (`engine.distill.adam.
+  RowUpdate`, torch's own update on views of the rows; elementwise, so the same as one update with the
+  whole gradient). So besides the parameters and Adam's two moments nothing of the set's size is held,
+  not even its gradient. The step's loss is known before any row moves (a non-finite loss updates
+  nothing), and the loop holds Ctrl-C while it runs (a checkpoint never holds half an update).
+- `into_grad` (several backbones, whose terms add up; several ranks, whose shares are summed; the pixel
+  prior, a term of the whole set): the gradient is added into those rows of the parameters' `.grad`,
+  and the optimizer steps once it is whole.
 
 Several processes: each rank runs a contiguous share of the M copies (`featurestore.distributed.
 contiguous_share`), an all-gather assembles the [M, D] features (small), every rank computes the same
@@ -33,11 +44,12 @@ collectives are identities: one code path for any world size.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from engine.distill.adam import RowUpdate
 from engine.distributed import all_gather_rows
 from engine.parameterizations import SyntheticImages
 from featurestore.augment import AugmentConfig, AugmentParams, apply_each, center_crop, sample_params
@@ -76,20 +88,19 @@ class SyntheticSide:
         return [sample_params(1, generator, self.augment_config) for _ in range(n * self.augs)]
 
     def _pass(self, synthetic: SyntheticImages, plan: list[AugmentParams] | None, start: int,
-              stop: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Features of copies start..stop-1, decoding only the images they come from; returns (features,
-        those images' rows, the detached parameter rows they were decoded from: leaves that collect the
-        gradient when grad is enabled). One batched gather of the decoded rows per copy (its backward is
-        one index_add, linear in the copies) and one batched sampling pass."""
-        n = synthetic.n
-        sources = torch.arange(start, stop, device=self.device) % n
-        rows, position = torch.unique(sources, sorted=True, return_inverse=True)
-        whole = rows.numel() == n  # every image: the parameters themselves, not a copy of them
-        leaves = [(p.detach() if whole else p.detach().index_select(0, rows)).requires_grad_(torch.is_grad_enabled())
-                  for p in synthetic.parameters()]
+              stop: int) -> tuple[Tensor, int, list[Tensor]]:
+        """Features of the copies at image-major positions start..stop-1 (`copy_of_position`), decoding only
+        the images they come from: a contiguous range of rows. Returns (features, the first row, the
+        parameter rows decoded from: detached views of the parameters, leaves that collect the gradient when
+        grad is enabled). One batched gather of the decoded rows per copy and one batched sampling pass."""
+        n, augs = synthetic.n, self.augs
+        first, last = start // augs, (stop - 1) // augs + 1
+        leaves = [p.detach()[first:last].requires_grad_(torch.is_grad_enabled()) for p in synthetic.parameters()]
         images = synthetic.images_from(leaves)
-        copies = self._augment(images.index_select(0, position), None if plan is None else plan[start:stop])
-        return self.backbone.embed(copies, grad=True), rows, leaves
+        positions = torch.arange(start, stop, device=self.device)
+        copies = self._augment(images.index_select(0, positions // augs - first),
+                               None if plan is None else [plan[(p % augs) * n + p // augs] for p in range(start, stop)])
+        return self.backbone.embed(copies, grad=True), first, leaves
 
     def _augment(self, sources: Tensor, plan: list[AugmentParams] | None) -> Tensor:
         """Copy i of `sources` augmented with plan[i] (no plan: centre-cropped), at the backbone's size."""
@@ -97,49 +108,38 @@ class SyntheticSide:
             return center_crop(sources, self.backbone.image_size)
         return apply_each(sources, plan, self.backbone.image_size, self.augment_config)
 
-    @staticmethod
-    def _accumulate(synthetic: SyntheticImages, rows: Tensor, leaves: list[Tensor]) -> None:
-        """Add the leaves' gradient into those rows of the parameters' .grad (allocated on first use)."""
-        for param, leaf in zip(synthetic.parameters(), leaves):
-            if leaf.grad is None:
-                continue
-            if rows.numel() == param.shape[0]:
-                param.grad = leaf.grad if param.grad is None else param.grad.add_(leaf.grad)
-                continue
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            param.grad.index_add_(0, rows, leaf.grad)
-
-    def loss_and_backward(self, synthetic: SyntheticImages, plan: list[AugmentParams] | None,
-                          copies_per_pass: int, loss_fn: LossFn, rank: int = 0, world_size: int = 1) -> Tensor:
-        """loss_fn(features of all M copies, their labels); its gradient accumulates into the `.grad` of
-        `synthetic.parameters()` for this rank's share of the copies (see the module docstring). Every rank
-        must call this (it is collective when world_size > 1). Returns the detached loss."""
-        m = self.copies(synthetic.n)
-        copy_labels = synthetic.labels.repeat(self.augs)
+    def loss(self, synthetic: SyntheticImages, plan: list[AugmentParams] | None, copies_per_pass: int,
+             loss_fn: LossFn, rank: int = 0, world_size: int = 1) -> tuple[Tensor, PendingBackward]:
+        """loss_fn(features of all M copies in copy order, their labels), and its back-propagation into the
+        image parameters for this rank's share of the copies, ready to run (see the module docstring).
+        Every rank must call this (it is collective when world_size > 1). Returns the detached loss."""
+        n, augs = synthetic.n, self.augs
+        m = n * augs
         shares = [contiguous_share(m, r, world_size) for r in range(world_size)]
         start, stop = shares[rank].start, shares[rank].stop
-        passes = [(s, min(stop, s + copies_per_pass)) for s in range(start, stop, copies_per_pass)]
-        keep_graph = len(passes) == 1
+        passes = image_aligned_passes(start, stop, copies_per_pass, augs)
+        graph = None
         if not passes:
             local = torch.zeros(0, self.backbone.dim, device=self.device)
-        elif keep_graph:
-            local, rows, leaves = self._pass(synthetic, plan, start, stop)
+        elif len(passes) == 1:  # the whole share in one pass: keep its graph for the backward
+            local, first, leaves = self._pass(synthetic, plan, start, stop)
+            graph = (local, first, leaves)
         else:
             with torch.no_grad():
                 local = torch.cat([self._pass(synthetic, plan, s, e)[0] for s, e in passes])
         features = all_gather_rows(local.detach(), [len(share) for share in shares]).requires_grad_(True)
-        loss = loss_fn(features, copy_labels)
+        copy = torch.arange(m, device=features.device)
+        position_of_copy = (copy % n) * augs + copy // n
+        loss = loss_fn(features.index_select(0, position_of_copy), synthetic.labels.repeat(augs))
         (grad_features,) = torch.autograd.grad(loss, features)
-        if keep_graph:
-            local.backward(grad_features[start:stop])
-            self._accumulate(synthetic, rows, leaves)
-            return loss.detach()
-        for s, e in passes:
-            pass_features, rows, leaves = self._pass(synthetic, plan, s, e)
-            pass_features.backward(grad_features[s:e])
-            self._accumulate(synthetic, rows, leaves)
-        return loss.detach()
+        return loss.detach(), PendingBackward(self, synthetic, plan, passes, grad_features, graph)
+
+    def loss_and_backward(self, synthetic: SyntheticImages, plan: list[AugmentParams] | None,
+                          copies_per_pass: int, loss_fn: LossFn, rank: int = 0, world_size: int = 1) -> Tensor:
+        """`loss`, then its gradient accumulated into the `.grad` of `synthetic.parameters()`."""
+        loss, backward = self.loss(synthetic, plan, copies_per_pass, loss_fn, rank, world_size)
+        backward.into_grad()
+        return loss
 
     def graph_bytes_per_copy(self, synthetic: SyntheticImages) -> int:
         """Bytes autograd saves for one augmented copy's forward (measured on a trial forward of two copies
@@ -159,6 +159,81 @@ class SyntheticSide:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             self.backbone.embed(self._augment(trial, plan), grad=True)
         return max(1, saved // 2)
+
+
+def image_aligned_passes(start: int, stop: int, copies_per_pass: int, augs: int) -> list[tuple[int, int]]:
+    """Positions start..stop-1 (image-major: position p is augmentation p % augs of image p // augs) cut
+    into passes of at most `copies_per_pass` copies that end where an image's copies end whenever they can:
+    whole images per pass when an image's copies fit (as many as fit), else one image's copies in pieces.
+    So every image's gradient is complete after one pass or after a run of passes over it alone."""
+    passes, p = [], start
+    per_pass = max(1, copies_per_pass)
+    while p < stop:
+        image_end = (p // augs + 1) * augs
+        if image_end - p > per_pass:
+            q = p + per_pass
+        else:
+            q = image_end + (per_pass - (image_end - p)) // augs * augs
+        passes.append((p, min(q, stop)))
+        p = passes[-1][1]
+    return passes
+
+
+class PendingBackward:
+    """A step's back-propagation of the loss into the image parameters, ready to run (`SyntheticSide.loss`):
+    `into_grad()` adds the gradient into the parameters' `.grad`; `into_adam(update)` instead applies Adam
+    to each image's rows as soon as its gradient is complete, so no gradient of the whole set is ever held
+    (one process, one backbone, no --pixel-prior: engine.distill.loop.step)."""
+
+    def __init__(self, side: SyntheticSide, synthetic: SyntheticImages, plan: list[AugmentParams] | None,
+                 passes: list[tuple[int, int]], grad_features: Tensor,
+                 graph: tuple[Tensor, int, list[Tensor]] | None) -> None:
+        self.side, self.synthetic, self.plan, self.passes = side, synthetic, plan, passes
+        self.grad_features = grad_features
+        self.graph = graph  # the single pass's (features, first row, leaves), kept from the forward
+
+    def _backward(self) -> Iterator[tuple[int, int, list[Tensor]]]:
+        """Each pass back-propagated: (start, stop, its rows' parameter gradients, from the first row on)."""
+        if self.graph is not None:
+            (start, stop), = self.passes
+            features, first, leaves = self.graph
+            self.graph = None
+            features.backward(self.grad_features[start:stop])
+            yield stop, first, [leaf.grad for leaf in leaves]
+            return
+        for start, stop in self.passes:
+            features, first, leaves = self.side._pass(self.synthetic, self.plan, start, stop)
+            features.backward(self.grad_features[start:stop])
+            yield stop, first, [leaf.grad for leaf in leaves]
+
+    def into_grad(self) -> None:
+        """Add this share's gradient into the parameters' `.grad` (allocated on first use)."""
+        params = self.synthetic.parameters()
+        for _, first, grads in self._backward():
+            for param, grad in zip(params, grads):
+                if grad.shape[0] == param.shape[0]:
+                    param.grad = grad if param.grad is None else param.grad.add_(grad)
+                    continue
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad[first:first + grad.shape[0]].add_(grad)
+
+    def into_adam(self, update: RowUpdate) -> None:
+        """Back-propagate pass by pass and apply `update` to each run of images whose copies are all done
+        (every copy of the set: a single process)."""
+        augs = self.side.augs
+        partial: list[Tensor] | None = None  # the gradient of an image whose copies span several passes
+        for stop, first, grads in self._backward():
+            if partial is not None:  # this pass starts with the rest of that image's copies
+                for grad, earlier in zip(grads, partial):
+                    grad[:1].add_(earlier)
+                partial = None
+            if stop % augs:  # this pass ends inside an image: it holds only that image (image_aligned_passes)
+                partial = grads
+                continue
+            update.rows(first, grads)
+        assert partial is None, "the passes must cover every copy of every image"
+        update.finish()
 
 
 def resolve_copies_per_pass(chunk: int | str, side: SyntheticSide, synthetic: SyntheticImages,

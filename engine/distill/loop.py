@@ -9,7 +9,9 @@ One step (LGM defaults, as the authors' code; other objectives plug in through e
    affine grid, pixel noise: `featurestore.augment`);
 4. features of the M = n * augs augmented copies through the frozen backbone (bf16 autocast on CUDA,
    fp32 on CPU), loss = objective(syn features, real features) with a fresh random head;
-5. back-propagate to the image parameters (chunked when the whole graph would not fit), Adam step.
+5. back-propagate to the image parameters (chunked when the whole graph would not fit) and Adam's update:
+   image by image as the back-propagation completes each (one process, one backbone: the default), or
+   once from the gradient summed over backbones and ranks (engine.distill.backprop).
 
 Checkpoints (engine.distill.checkpoint) every `checkpoint_every` steps, at the end and on Ctrl-C. A
 non-finite loss stops the run before the optimizer step, without writing a checkpoint: the last good
@@ -36,7 +38,9 @@ from engine.distill.outdir import (CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGE
                                    recheck_out_dir)
 from engine.distill.pixel_prior import pixel_prior
 from engine.distill.prepare import prepare
-from engine.distill.run import Clock, DistillResult, Run, adam
+from engine.distill.adam import adam
+from engine.distill.backprop import PendingBackward
+from engine.distill.run import Clock, DistillResult, Run
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
 from engine.distributed import reduce_step
 from engine.imagefolder import write_imagefolder
@@ -118,11 +122,15 @@ def save(run: Run, step: int) -> None:
     run.last_saved = step
 
 
-def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[float], bool]:
-    """Optimization step `index` (0-based) up to the gradient reduction: returns (loss, each backbone's
-    loss, any rank asked to stop; `stop_requested[0]` is read at the reduction, after this rank's forward
-    and backward). The optimizer update is left to the caller (it must not be interrupted halfway).
+def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[float], bool, PendingBackward | None]:
+    """Optimization step `index` (0-based) up to the update: returns (loss, each backbone's loss, any rank
+    asked to stop, the back-propagation left to run inside the update or None). `stop_requested[0]` is
+    read at the gradient reduction, after this rank's forward and backward. The update is left to the
+    caller (`Run.optimizer_step`, which must not be interrupted halfway).
 
+    One process, one backbone, no --pixel-prior (the default): only the loss is computed here; the
+    back-propagation runs inside the update, which applies Adam image by image (engine.distill.backprop):
+    no gradient of the whole set is held. Otherwise the gradient is back-propagated into `.grad` here.
     Several backbones: the loss is the weighted mean of their objectives. The copies share one
     augmentation draw; each backbone back-propagates its own term into the shared image parameters (so
     memory stays bounded by one backbone's pass)."""
@@ -133,6 +141,8 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
     reals = [member.real.sample(generators["real"]) for member in run.members]
     augmentations = run.members[0].side.draw(synthetic.n, generators["augment"])
     run.optimizer.zero_grad(set_to_none=True)
+    into_adam = len(run.members) == 1 and not run.ctx.is_distributed and run.pixel_stats is None
+    pending = None
     losses = []
     for member, (real_features, real_labels) in zip(run.members, reals):
         if member.features is not None:
@@ -145,8 +155,12 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
             return weight * run.objective.loss(syn_features, copy_labels, real_features, real_labels,
                                                generators["head"])
 
-        loss = member.side.loss_and_backward(synthetic, augmentations, member.copies_per_pass,
-                                             loss_fn, run.ctx.rank, run.ctx.world_size)
+        loss, backward = member.side.loss(synthetic, augmentations, member.copies_per_pass, loss_fn,
+                                          run.ctx.rank, run.ctx.world_size)
+        if into_adam:
+            pending = backward
+        else:
+            backward.into_grad()
         losses.append(float(loss) / member.weight)
     loss_value = sum(member.weight * value for member, value in zip(run.members, losses))
     if run.pixel_stats is not None:  # rank 0 only: the ranks' gradients are summed
@@ -156,7 +170,7 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
     any_stop, any_nonfinite = reduce_step(synthetic.parameters(), stop_requested[0], not math.isfinite(loss_value))
     if any_nonfinite and math.isfinite(loss_value):
         loss_value = float("nan")  # another rank saw a non-finite loss: stop with it
-    return loss_value, losses, any_stop
+    return loss_value, losses, any_stop, pending
 
 
 def steps(run: Run) -> None:
@@ -180,7 +194,7 @@ def steps(run: Run) -> None:
                     states = run.step_draws()
                     t0 = time.perf_counter()
                     try:
-                        loss_value, member_losses, any_stop = step(run, index, stop_requested)
+                        loss_value, member_losses, any_stop, pending = step(run, index, stop_requested)
                         drawn = True
                     except KeyboardInterrupt:
                         any_stop = True
@@ -193,7 +207,8 @@ def steps(run: Run) -> None:
                         raise run.nonfinite_loss(loss_value, index)
                     try:
                         with (defer_sigint() if not run.ctx.is_distributed else nullcontext()):
-                            run.optimizer_step(index)
+                            run.optimizer_step(index, pending)
+                            pending = None
                             index += 1
                             drawn = False
                             record = _record_step(run, index, loss_value, member_losses, t0, clock)

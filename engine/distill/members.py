@@ -112,8 +112,12 @@ def member_fit(cfg: DistillConfig, ctx: DistContext, store, member: Member,
     if not ctx.is_main:
         return None
     if isinstance(member.real, StoreRealSource):
-        keep = torch.from_numpy(evenly_spaced(member.real.num_rows, PLATEAU.rows)).to(member.real.device)
-        features, labels = member.real.features[keep, 0], member.real.labels[keep]
+        keep = evenly_spaced(member.real.num_rows, PLATEAU.rows)
+        if len(keep) == member.real.num_rows:  # every row: a view, not a second copy of the real side
+            features, labels = member.real.features[:, 0], member.real.labels
+        else:
+            keep_d = torch.from_numpy(keep).to(member.real.device)
+            features, labels = member.real.features[keep_d, 0], member.real.labels[keep_d]
     else:
         real = member.split.load(view=0, device=ctx.device, rows=evenly_spaced(member.split.n, PLATEAU.rows))
         features, labels = real.features, real.labels

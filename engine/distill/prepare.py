@@ -21,7 +21,8 @@ from engine.distill.members import Member, make_members, member_fit, member_quic
 from engine.distill.memory import check_memory
 from engine.distill.outdir import CHECKPOINT_FILE, check_out_dir
 from engine.distill.pixel_prior import PixelStatistics, real_pixel_statistics
-from engine.distill.run import Run, adam, load_adam_state
+from engine.distill.adam import adam, load_adam_state
+from engine.distill.run import Run
 from engine.distill.seeds import GENERATORS, derived_seed, make_generators
 from engine.imagefolder import class_folder_names
 from engine.objectives import Objective, get_objective

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from engine.distill.checkpoint import run_identity
 from engine.distill.config import PLATEAU, DistillConfig, DistillError, NonFiniteLossError, scheduled_lr
+from engine.distill.adam import RowUpdate, adam
+from engine.distill.backprop import PendingBackward
 from engine.distill.members import Member
 from engine.distill.pixel_prior import PixelStatistics
 from engine.distill.outdir import METRICS_FILE
@@ -83,11 +85,15 @@ class Run:
         return scheduled_lr(self.lr_history[-1]["lr"], self.lr_schedule, index, self.cfg.steps,
                             self.plateau_scale if self.lr_schedule == "plateau" else 1.0)
 
-    def optimizer_step(self, index: int) -> None:
-        """Adam's update of step `index` (0-based) at its scheduled rate."""
+    def optimizer_step(self, index: int, pending: PendingBackward | None = None) -> None:
+        """Adam's update of step `index` (0-based) at its scheduled rate: from the parameters' `.grad`, or,
+        given the step's pending back-propagation, image by image as it runs (`PendingBackward.into_adam`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(index)
-        self.optimizer.step()
+        if pending is None:
+            self.optimizer.step()
+        else:
+            pending.into_adam(RowUpdate(self.optimizer))
         # The gradient is not needed again before the next step's backward: freeing it now keeps it out of
         # the checkpoint, the set-fit check and the quick probe, which hold other set-sized tensors.
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,28 +203,6 @@ class Clock:
 
     def exclude(self, seconds: float) -> None:
         self.start += seconds
-
-
-def adam(parameters: list[Tensor], lr: float) -> torch.optim.Adam:
-    """The optimizer of the image parameters: torch's Adam, fused where torch has the fused kernel (CPU,
-    CUDA). Fused, the update reads and writes the parameters and both moments in place; torch's default
-    (foreach) update allocates two more tensors of the parameters' size for the step (measured here: 287
-    MB transient for 144 MB of parameters, and 6x slower on a CPU), which at 1000+ images is the step's
-    peak memory. The same update rule and state; a checkpoint of either resumes in the other through
-    `load_adam_state`."""
-    fused = parameters[0].device.type in ("cpu", "cuda")
-    return torch.optim.Adam(parameters, lr=lr, fused=fused or None)
-
-
-def load_adam_state(optimizer: torch.optim.Adam, state: dict[str, Any]) -> None:
-    """`optimizer.load_state_dict(state)` keeping this optimizer's implementation: torch takes each
-    group's `fused` / `foreach` flags from the saved groups, so a checkpoint of the foreach update (before
-    2026-12-07) would turn the fused update off for the rest of the run, and a CUDA checkpoint resumed
-    elsewhere would ask for a fused kernel that device may lack. Set before the load, so that torch also
-    moves `step` where the fused kernel wants it."""
-    ours = [{key: group[key] for key in ("fused", "foreach")} for group in optimizer.param_groups]
-    groups = [dict(saved, **flags) for saved, flags in zip(state["param_groups"], ours)]
-    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def stepping_run(ctx: DistContext, members: list[Member], objective: Objective, synthetic: SyntheticImages,

@@ -2,7 +2,9 @@
 
 A single process turns Ctrl-C into KeyboardInterrupt (Python's default) and SIGTERM too
 (`sigterm_as_ctrl_c`), held back only while the parameters are being updated, so a checkpoint never holds
-half an update (`defer_sigint`). Ranks of a
+half an update (`defer_sigint`). With one backbone the update includes the step's back-propagation
+(Adam updates each image as its gradient completes: engine.distill.backprop), so a Ctrl-C there takes
+effect at the end of the step. Ranks of a
 distributed run must stop at the same step (a KeyboardInterrupt in the middle of a step would leave the
 other ranks waiting in a collective): there Ctrl-C and SIGTERM only set a flag for the whole run
 (`stop_flags`), and the ranks combine their flags at every step's gradient reduction.

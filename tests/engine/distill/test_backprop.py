@@ -1,5 +1,6 @@
 """engine.distill.backprop: the synthetic side's loss and image-parameter gradients, single pass and chunked,
-against plain autograd through the whole decoded set; each pass decodes only its own images."""
+against plain autograd through the whole decoded set; each pass decodes only its own images; Adam applied
+image by image equals one update from the whole gradient."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from engine.distill import SyntheticSide
+from engine.distill.adam import RowUpdate, adam
+from engine.distill.backprop import image_aligned_passes
 from engine.objectives import LGMObjective
 from engine.parameterizations import PixelImages, PyramidImages
 from featurestore.augment import AugmentConfig, apply_each
@@ -83,11 +86,64 @@ def test_each_pass_decodes_only_its_own_images():
         return original(params)
 
     syn.images_from = counting
-    side.loss_and_backward(syn, plan, 4, _loss_fn(backbone.dim))
-    copies = syn.n * AUGS
-    passes = -(-copies // 4)
-    assert len(decoded_rows) == 2 * passes  # a no-graph pass and a graph pass each
-    assert max(decoded_rows) <= 4 and sum(decoded_rows) == 2 * copies
+    side.loss_and_backward(syn, plan, 4, _loss_fn(backbone.dim))  # 3 copies per image: one image per pass
+    assert decoded_rows == [1] * (2 * syn.n)  # a no-graph pass and a graph pass each
+    decoded_rows.clear()
+    side.loss_and_backward(syn, plan, 7, _loss_fn(backbone.dim))  # two whole images per pass
+    assert decoded_rows == [2] * syn.n
+    decoded_rows.clear()
+    side.loss_and_backward(syn, plan, 2, _loss_fn(backbone.dim))  # an image's 3 copies in 2 passes
+    assert decoded_rows == [1] * (4 * syn.n)
     decoded_rows.clear()
     side.loss_and_backward(syn, plan, 10**6, _loss_fn(backbone.dim))
     assert decoded_rows == [syn.n]
+
+
+@pytest.mark.parametrize("start,stop,per_pass,augs,want", [
+    (0, 12, 4, 3, [(0, 3), (3, 6), (6, 9), (9, 12)]),  # one whole image per pass (4 // 3)
+    (0, 12, 7, 3, [(0, 6), (6, 12)]),  # two whole images
+    (0, 6, 2, 3, [(0, 2), (2, 3), (3, 5), (5, 6)]),  # an image's copies in pieces, ending at its end
+    (0, 10, 4, 10, [(0, 4), (4, 8), (8, 10)]),
+    (0, 20, 25, 10, [(0, 20)]),
+    (4, 11, 6, 3, [(4, 9), (9, 11)]),  # a rank's share starting and ending inside images
+    (5, 5, 4, 3, []),
+])
+def test_image_aligned_passes(start, stop, per_pass, augs, want):
+    passes = image_aligned_passes(start, stop, per_pass, augs)
+    assert passes == want
+    for s, e in passes:  # at most per_pass copies; a pass that ends inside an image holds only that image
+        assert 0 < e - s <= per_pass
+        assert e % augs == 0 or e == stop or s // augs == (e - 1) // augs
+
+
+@pytest.mark.parametrize("make", [_pyramid, _pixels], ids=["pyramid", "pixels"])
+@pytest.mark.parametrize("chunk", [10**6, 2, 4, 7])
+def test_adam_image_by_image_equals_one_update_from_the_whole_gradient(make, chunk):
+    """into_adam (each image's rows updated once its copies are back-propagated) against into_grad and
+    optimizer.step(), three steps from a fresh optimizer: parameters, moments and step counts."""
+    backbone = create_backbone("test-cnn")
+    side = SyntheticSide(backbone, AUGS, True, AugmentConfig())
+    runs = []
+    for way in ("whole", "rows"):
+        syn = make(backbone)
+        optimizer = adam(syn.parameters(), 0.05)
+        for index in range(3):
+            plan = side.draw(syn.n, torch.Generator().manual_seed(index))
+            optimizer.zero_grad(set_to_none=True)
+            _, backward = side.loss(syn, plan, chunk, _loss_fn(backbone.dim))
+            if way == "whole":
+                backward.into_grad()
+                optimizer.step()
+            else:
+                backward.into_adam(RowUpdate(optimizer))
+                assert all(p.grad is None for p in syn.parameters())  # no gradient of the whole set
+        runs.append((syn, optimizer))
+    (whole, whole_opt), (rows, rows_opt) = runs
+    for a, b in zip(whole.parameters(), rows.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+        sa, sb = whole_opt.state[a], rows_opt.state[b]
+        assert float(sb["step"]) == float(sa["step"]) == 3.0 and sb["step"].device == sa["step"].device
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sb[key], sa[key], atol=1e-7, rtol=1e-6)
+    moved = [(p - q).abs().max() for p, q in zip(rows.parameters(), make(backbone).parameters())]
+    assert min(moved) > 1e-3  # every parameter moved: the comparison is not of two untouched sets

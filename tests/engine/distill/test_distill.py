@@ -189,3 +189,33 @@ def test_cli_runs_refuses_and_reports_interrupts(store, tmp_path, monkeypatch):
     interrupted = runner.invoke(app, [*args[:6], str(tmp_path / "cli2"), *args[7:]])
     assert interrupted.exit_code == 130
     assert "interrupted at step 1; checkpoint saved; rerun with --resume" in interrupted.output
+
+
+def test_ctrl_c_while_adam_updates_image_by_image_finishes_the_step(store, tmp_path, monkeypatch):
+    """One backbone: the back-propagation runs inside the update (Adam image by image), where Ctrl-C is
+    held: a Ctrl-C after the first images moved finishes the step, saves it, and a resume continues the
+    same trajectory (a checkpoint with half the set updated would not)."""
+    import os
+    import signal
+
+    from engine.distill.adam import RowUpdate
+
+    straight = distill(_config(store, tmp_path / "a", steps=8, checkpoint_every=10, param="pixels"))
+    original, calls = RowUpdate.rows, {"n": 0}
+
+    def rows_then_ctrl_c(self, first, grads):
+        original(self, first, grads)
+        calls["n"] += 1
+        if calls["n"] == 3 * CLASSES + 2:  # step 4, after its second image's rows (one image per pass)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "b"
+    with monkeypatch.context() as m:
+        m.setattr(RowUpdate, "rows", rows_then_ctrl_c)
+        with pytest.raises(DistillInterrupted) as info:
+            distill(_config(store, out, steps=8, checkpoint_every=10, param="pixels", chunk=2))
+    assert info.value.step == 4 and info.value.saved
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    resumed = distill(_config(store, out, steps=8, checkpoint_every=10, param="pixels", resume=True))
+    assert resumed.resumed_from == 4
+    torch.testing.assert_close(resumed.images, straight.images, atol=1e-6, rtol=0)

@@ -8,7 +8,8 @@ import copy
 
 import torch
 
-from engine.distill.run import adam, load_adam_state, stepping_run
+from engine.distill.adam import adam, load_adam_state
+from engine.distill.run import stepping_run
 from engine.objectives import get_objective
 from engine.parameterizations import PixelImages
 from engine.distill.seeds import make_generators
