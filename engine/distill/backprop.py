@@ -8,8 +8,8 @@ copies are split into passes or across ranks. With augmentation off every copy w
 one centre-cropped copy per image is used (the mean gradient over identical copies is the same).
 
 Passes run over the copies in image-major order: position p is augmentation p % augs of image p // augs
-(copy (p % augs) * n + p // augs), so a pass covers a contiguous run of images, whole images whenever
-their copies fit in a pass (`image_aligned_passes`). The loss sees the features in copy order.
+(copy (p % augs) * n + p // augs), so a pass covers a contiguous run of images. The loss sees the
+features in copy order.
 
 Chunked back-propagation (`copies_per_pass` < M): the loss depends on the images only through the
 [M, D] features. So the features are computed pass by pass WITHOUT a graph, the loss and dLoss/dFeatures
@@ -117,7 +117,7 @@ class SyntheticSide:
         m = n * augs
         shares = [contiguous_share(m, r, world_size) for r in range(world_size)]
         start, stop = shares[rank].start, shares[rank].stop
-        passes = image_aligned_passes(start, stop, copies_per_pass, augs)
+        passes = [(s, min(stop, s + copies_per_pass)) for s in range(start, stop, copies_per_pass)]
         graph = None
         if not passes:
             local = torch.zeros(0, self.backbone.dim, device=self.device)
@@ -161,24 +161,6 @@ class SyntheticSide:
         return max(1, saved // 2)
 
 
-def image_aligned_passes(start: int, stop: int, copies_per_pass: int, augs: int) -> list[tuple[int, int]]:
-    """Positions start..stop-1 (image-major: position p is augmentation p % augs of image p // augs) cut
-    into passes of at most `copies_per_pass` copies that end where an image's copies end whenever they can:
-    whole images per pass when an image's copies fit (as many as fit), else one image's copies in pieces.
-    So every image's gradient is complete after one pass or after a run of passes over it alone."""
-    passes, p = [], start
-    per_pass = max(1, copies_per_pass)
-    while p < stop:
-        image_end = (p // augs + 1) * augs
-        if image_end - p > per_pass:
-            q = p + per_pass
-        else:
-            q = image_end + (per_pass - (image_end - p)) // augs * augs
-        passes.append((p, min(q, stop)))
-        p = passes[-1][1]
-    return passes
-
-
 class PendingBackward:
     """A step's back-propagation of the loss into the image parameters, ready to run (`SyntheticSide.loss`):
     `into_grad()` adds the gradient into the parameters' `.grad`; `into_adam(update)` instead applies Adam
@@ -219,20 +201,20 @@ class PendingBackward:
                 param.grad[first:first + grad.shape[0]].add_(grad)
 
     def into_adam(self, update: RowUpdate) -> None:
-        """Back-propagate pass by pass and apply `update` to each run of images whose copies are all done
-        (every copy of the set: a single process)."""
+        """Back-propagate pass by pass and apply `update` to the images whose copies are all done (every
+        copy of the set: a single process). An image whose copies a pass boundary splits is carried: its
+        gradient so far waits for the rest of its copies in the next pass."""
         augs = self.side.augs
-        partial: list[Tensor] | None = None  # the gradient of an image whose copies span several passes
+        carried: list[Tensor] | None = None  # the gradient so far of the image the last pass ended inside
         for stop, first, grads in self._backward():
-            if partial is not None:  # this pass starts with the rest of that image's copies
-                for grad, earlier in zip(grads, partial):
+            if carried is not None:  # this pass starts with the rest of that image's copies (row `first`)
+                for grad, earlier in zip(grads, carried):
                     grad[:1].add_(earlier)
-                partial = None
-            if stop % augs:  # this pass ends inside an image: it holds only that image (image_aligned_passes)
-                partial = grads
-                continue
-            update.rows(first, grads)
-        assert partial is None, "the passes must cover every copy of every image"
+            done = stop // augs - first  # this pass's rows whose last copy it holds
+            carried = [grad[done:done + 1].clone() for grad in grads] if stop % augs else None
+            if done:
+                update.rows(first, [grad[:done] for grad in grads])
+        assert carried is None, "the passes must cover every copy of every image"
         update.finish()
 
 

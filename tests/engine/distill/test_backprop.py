@@ -9,7 +9,6 @@ import torch
 
 from engine.distill import SyntheticSide
 from engine.distill.adam import RowUpdate, adam
-from engine.distill.backprop import image_aligned_passes
 from engine.objectives import LGMObjective
 from engine.parameterizations import PixelImages, PyramidImages
 from featurestore.augment import AugmentConfig, apply_each
@@ -73,7 +72,8 @@ def test_single_pass_and_chunked_backprop_equal_plain_autograd(backbone_name, ma
 
 
 def test_each_pass_decodes_only_its_own_images():
-    """Chunked, no decode covers more rows than the pass has copies; single pass, it is the whole set once."""
+    """Chunked, a pass decodes only the images its copies come from (image-major: about copies / augs, plus
+    one where a boundary splits an image); single pass, the whole set once."""
     backbone = create_backbone("test-cnn")
     side = SyntheticSide(backbone, AUGS, True, AugmentConfig())
     syn = _pixels(backbone)
@@ -86,41 +86,24 @@ def test_each_pass_decodes_only_its_own_images():
         return original(params)
 
     syn.images_from = counting
-    side.loss_and_backward(syn, plan, 4, _loss_fn(backbone.dim))  # 3 copies per image: one image per pass
-    assert decoded_rows == [1] * (2 * syn.n)  # a no-graph pass and a graph pass each
-    decoded_rows.clear()
-    side.loss_and_backward(syn, plan, 7, _loss_fn(backbone.dim))  # two whole images per pass
-    assert decoded_rows == [2] * syn.n
-    decoded_rows.clear()
-    side.loss_and_backward(syn, plan, 2, _loss_fn(backbone.dim))  # an image's 3 copies in 2 passes
-    assert decoded_rows == [1] * (4 * syn.n)
-    decoded_rows.clear()
+    for chunk in (4, 7, 2):
+        side.loss_and_backward(syn, plan, chunk, _loss_fn(backbone.dim))
+        # Position p (image-major) is a copy of image p // AUGS: a pass decodes the images its positions cover.
+        want = [len({p // AUGS for p in range(s, min(s + chunk, syn.n * AUGS))})
+                for s in range(0, syn.n * AUGS, chunk)]
+        assert decoded_rows == want * 2  # a no-graph pass and a graph pass each
+        assert max(want) <= -(-chunk // AUGS) + 1 and max(want) < syn.n
+        decoded_rows.clear()
     side.loss_and_backward(syn, plan, 10**6, _loss_fn(backbone.dim))
     assert decoded_rows == [syn.n]
 
 
-@pytest.mark.parametrize("start,stop,per_pass,augs,want", [
-    (0, 12, 4, 3, [(0, 3), (3, 6), (6, 9), (9, 12)]),  # one whole image per pass (4 // 3)
-    (0, 12, 7, 3, [(0, 6), (6, 12)]),  # two whole images
-    (0, 6, 2, 3, [(0, 2), (2, 3), (3, 5), (5, 6)]),  # an image's copies in pieces, ending at its end
-    (0, 10, 4, 10, [(0, 4), (4, 8), (8, 10)]),
-    (0, 20, 25, 10, [(0, 20)]),
-    (4, 11, 6, 3, [(4, 9), (9, 11)]),  # a rank's share starting and ending inside images
-    (5, 5, 4, 3, []),
-])
-def test_image_aligned_passes(start, stop, per_pass, augs, want):
-    passes = image_aligned_passes(start, stop, per_pass, augs)
-    assert passes == want
-    for s, e in passes:  # at most per_pass copies; a pass that ends inside an image holds only that image
-        assert 0 < e - s <= per_pass
-        assert e % augs == 0 or e == stop or s // augs == (e - 1) // augs
-
-
 @pytest.mark.parametrize("make", [_pyramid, _pixels], ids=["pyramid", "pixels"])
-@pytest.mark.parametrize("chunk", [10**6, 2, 4, 7])
+@pytest.mark.parametrize("chunk", [10**6, 1, 2, 4, 7])
 def test_adam_image_by_image_equals_one_update_from_the_whole_gradient(make, chunk):
-    """into_adam (each image's rows updated once its copies are back-propagated) against into_grad and
-    optimizer.step(), three steps from a fresh optimizer: parameters, moments and step counts."""
+    """into_adam (each image's rows updated once its copies are back-propagated; chunk 1, 2 and 4 split an
+    image's 3 copies over passes) against into_grad and optimizer.step(), three steps from a fresh
+    optimizer: parameters, moments and step counts."""
     backbone = create_backbone("test-cnn")
     side = SyntheticSide(backbone, AUGS, True, AugmentConfig())
     runs = []
