@@ -11,9 +11,10 @@ from engine.distill.config import DistillConfig, DistillError
 from featurestore.runtime import free_memory
 
 # Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels),
-# their gradient and Adam's two moments (4 x 4/3 x 4 bytes), plus one decoded copy of the set and a
-# buffer of its decode (2 x 4 bytes: the set-fit check, the outputs; a step decodes pass by pass,
-# engine.distill.backprop). An estimate, to refuse impossible runs up front.
+# their gradient and Adam's two moments (4 x 4/3 x 4 bytes; one backbone in one process never holds the
+# gradient, several backbones or ranks do), plus one decoded copy of the set and a buffer of its decode
+# (2 x 4 bytes: the set-fit check, the outputs; a step decodes pass by pass, engine.distill.backprop). An
+# estimate, to refuse impossible runs up front: the worst case, so that no run starts that cannot finish.
 _BYTES_PER_SYNTHETIC_VALUE = 30
 
 
