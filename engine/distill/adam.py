@@ -45,6 +45,8 @@ class RowUpdate:
 
     def __init__(self, optimizer: torch.optim.Adam) -> None:
         (group,) = optimizer.param_groups
+        if group["amsgrad"]:  # never set by `adam`; its running maximum is not kept here
+            raise ValueError("RowUpdate does not support amsgrad")
         self.group = group
         self.states = [self._state(optimizer, p) for p in group["params"]]
         self.counts = [state["step"].clone() for state in self.states]

@@ -175,7 +175,8 @@ class PendingBackward:
         self.graph = graph  # the single pass's (features, first row, leaves), kept from the forward
 
     def _backward(self) -> Iterator[tuple[int, int, list[Tensor]]]:
-        """Each pass back-propagated: (start, stop, its rows' parameter gradients, from the first row on)."""
+        """Each pass back-propagated, in order: (where it stops, the first row it decoded, the gradient of
+        each parameter over its rows from that one on)."""
         if self.graph is not None:
             (start, stop), = self.passes
             features, first, leaves = self.graph

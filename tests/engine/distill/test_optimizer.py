@@ -1,4 +1,4 @@
-"""engine.distill.run.adam: the image parameters' Adam is torch's fused one on a CPU, the same update as
+"""engine.distill.adam: the image parameters' Adam is torch's fused one on a CPU, the same update as
 torch's default (foreach) one; a checkpoint of either resumes in the other keeping the fused update; a
 step frees the gradient."""
 
@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from engine.distill.adam import adam, load_adam_state
+from engine.distill.adam import RowUpdate, adam, load_adam_state
 from engine.distill.run import stepping_run
 from engine.objectives import get_objective
 from engine.parameterizations import PixelImages
@@ -83,3 +84,10 @@ def test_resuming_a_checkpoint_of_the_foreach_update_keeps_the_fused_one(tmp_pat
     state = start.optimizer.state[resumed.logits]
     assert float(state["step"]) == 1.0
     torch.testing.assert_close(state["exp_avg"], old.state[synthetic.logits]["exp_avg"], atol=0, rtol=0)
+
+
+def test_row_update_refuses_amsgrad_whose_maximum_it_does_not_keep():
+    param = torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        RowUpdate(torch.optim.Adam([param], amsgrad=True))
+    RowUpdate(adam([param], 0.1))  # the engine's optimizer is accepted
