@@ -54,6 +54,8 @@ RUNS: dict[str, tuple[list[str], int, dict[str, Any], str | None]] = {
     "lgm-effnet-augs10-1000": ([EFFNET], 1000, {"augs": 10}, None),
     "lgm-dinov2-400": ([DINOV2], 400, {}, None),
     "lgm-dinov2-augs10-400": ([DINOV2], 400, {"augs": 10}, None),
+    "lgm-dinov2-400-seed1": ([DINOV2], 400, {"seed": 1}, None),
+    "lgm-dinov2-augs10-400-seed1": ([DINOV2], 400, {"augs": 10, "seed": 1}, None),
     "lgm-effnet-prior-1000": ([EFFNET], 1000, {"pixel_prior": 1.0}, None),
     "lgm-effnet-plateau-1000-seed1": ([EFFNET], 1000, {"seed": 1}, None),
     "lgm-effnet-old-rate-300": ([EFFNET], 300, OLD_RATE, None),
