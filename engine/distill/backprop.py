@@ -89,7 +89,8 @@ class SyntheticSide:
 
     def _pass(self, synthetic: SyntheticImages, plan: list[AugmentParams] | None, start: int,
               stop: int) -> tuple[Tensor, int, list[Tensor]]:
-        """Features of the copies at image-major positions start..stop-1 (`copy_of_position`), decoding only
+        """Features of the copies at image-major positions start..stop-1 (position p: copy (p % augs) * n +
+        p // augs, of image p // augs; the module docstring), decoding only
         the images they come from: a contiguous range of rows. Returns (features, the first row, the
         parameter rows decoded from: detached views of the parameters, leaves that collect the gradient when
         grad is enabled). One batched gather of the decoded rows per copy and one batched sampling pass."""
@@ -177,15 +178,9 @@ class PendingBackward:
     def _backward(self) -> Iterator[tuple[int, int, list[Tensor]]]:
         """Each pass back-propagated, in order: (where it stops, the first row it decoded, the gradient of
         each parameter over its rows from that one on)."""
-        if self.graph is not None:
-            (start, stop), = self.passes
-            features, first, leaves = self.graph
-            self.graph = None
-            features.backward(self.grad_features[start:stop])
-            yield stop, first, [leaf.grad for leaf in leaves]
-            return
         for start, stop in self.passes:
-            features, first, leaves = self.side._pass(self.synthetic, self.plan, start, stop)
+            graph, self.graph = self.graph, None  # a single pass's graph is kept from the forward
+            features, first, leaves = graph or self.side._pass(self.synthetic, self.plan, start, stop)
             features.backward(self.grad_features[start:stop])
             yield stop, first, [leaf.grad for leaf in leaves]
 
