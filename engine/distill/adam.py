@@ -12,6 +12,14 @@ from torch import Tensor
 from torch.optim.adam import adam as adam_update
 
 
+def updates_image_by_image(backbones: int, distributed: bool, pixel_prior: bool) -> bool:
+    """Whether a step applies Adam to each image as soon as its gradient is complete, so that no gradient of
+    the whole set is held (`PendingBackward.into_adam`): one backbone in one process without the pixel
+    prior. Several backbones' terms, several ranks' shares and the prior (a term of the whole set) must be
+    summed into the gradient first."""
+    return backbones == 1 and not distributed and not pixel_prior
+
+
 def adam(parameters: list[Tensor], lr: float) -> torch.optim.Adam:
     """torch's Adam, fused where torch has the fused kernel (CPU, CUDA). Fused, the update reads and writes
     the parameters and both moments in place; torch's default (foreach) update allocates two more tensors

@@ -38,7 +38,7 @@ from engine.distill.outdir import (CONFIG_FILE, DISTILLED_FILE, GRID_FILE, IMAGE
                                    recheck_out_dir)
 from engine.distill.pixel_prior import pixel_prior
 from engine.distill.prepare import prepare
-from engine.distill.adam import adam
+from engine.distill.adam import adam, updates_image_by_image
 from engine.distill.backprop import PendingBackward
 from engine.distill.run import Clock, DistillResult, Run
 from engine.distill.signals import DistillInterrupted, defer_sigint, sigterm_as_ctrl_c, stop_flags
@@ -141,7 +141,7 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
     reals = [member.real.sample(generators["real"]) for member in run.members]
     augmentations = run.members[0].side.draw(synthetic.n, generators["augment"])
     run.optimizer.zero_grad(set_to_none=True)
-    into_adam = len(run.members) == 1 and not run.ctx.is_distributed and run.pixel_stats is None
+    into_adam = updates_image_by_image(len(run.members), run.ctx.is_distributed, run.pixel_stats is not None)
     pending = None
     losses = []
     for member, (real_features, real_labels) in zip(run.members, reals):

@@ -7,15 +7,18 @@ from typing import Sequence
 
 import torch
 
+from engine.distill.adam import updates_image_by_image
 from engine.distill.config import DistillConfig, DistillError
 from featurestore.runtime import free_memory
 
-# Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels),
-# their gradient and Adam's two moments (4 x 4/3 x 4 bytes; one backbone in one process never holds the
-# gradient, several backbones or ranks do), plus one decoded copy of the set and a buffer of its decode
-# (2 x 4 bytes: the set-fit check, the outputs; a step decodes pass by pass, engine.distill.backprop). An
-# estimate, to refuse impossible runs up front: the worst case, so that no run starts that cannot finish.
-_BYTES_PER_SYNTHETIC_VALUE = 30
+def bytes_per_synthetic_value(holds_gradient: bool) -> float:
+    """Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels)
+    and Adam's two moments, float32, plus their gradient when a step holds one (several backbones, ranks or
+    the pixel prior: engine.distill.adam.updates_image_by_image), plus one decoded copy of the set and a
+    buffer of its decode (2 x 4 bytes: the set-fit check, the outputs; a step decodes pass by pass,
+    engine.distill.backprop). An estimate, to refuse impossible runs up front: the worst case of the
+    parameterizations, so that no run starts that cannot finish."""
+    return 4 / 3 * 4 * (4 if holds_gradient else 3) + 2 * 4
 
 
 # Per augmented copy and step, whatever --chunk does: its features and their gradient (float32 [D] each,
@@ -24,11 +27,13 @@ _BYTES_PER_COPY_PARAMS = 64
 
 
 def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: torch.device,
-                 dims: Sequence[int] = ()) -> None:
+                 dims: Sequence[int], distributed: bool = False) -> None:
     """Refuse (one line) a synthetic set, or a number of augmented copies per step, that cannot fit in
-    memory, before allocating any of it. `dims`: the feature size of each backbone."""
+    memory, before allocating any of it. `dims`: the feature size of each backbone; `distributed`: whether
+    the run has several ranks."""
     values = num_classes * cfg.ipc * 3 * resolution * resolution
-    need = values * _BYTES_PER_SYNTHETIC_VALUE
+    holds_gradient = not updates_image_by_image(len(dims), distributed, bool(cfg.pixel_prior))
+    need = int(values * bytes_per_synthetic_value(holds_gradient))
     have = free_memory(device)
     where = "the GPU" if device.type == "cuda" else "this machine"
     if need > have:

@@ -51,7 +51,8 @@ def prepare(cfg: DistillConfig, ctx: DistContext) -> Run:
         # the gradients are compared by cosine, far above TF32's 1e-3 relative precision.
         torch.backends.cuda.matmul.allow_tf32 = True
     checkpoint = load_checkpoint(out, cfg, splits, options.record, state=saved_state) if resume else None
-    check_memory(cfg, store.num_classes, splits[0].resize_size, ctx.device, dims=[split.dim for split in splits])
+    check_memory(cfg, store.num_classes, splits[0].resize_size, ctx.device, [split.dim for split in splits],
+                 ctx.is_distributed)
     check_image_size(cfg, splits)
     members = make_members(cfg, ctx, splits, options.real_batches)
     generators = make_generators(cfg.seed)
