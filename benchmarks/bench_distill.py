@@ -12,7 +12,10 @@ synthetic set and step count run in these modes:
 - `store+chunk`: stored features with chunked back-propagation forced (`--chunk 16`): the memory bound.
 Each measurement runs in a fresh child process (same machine, same run), so peak RSS is that mode's
 own and not the high-water mark of an earlier one. The rows with C = 100 / 300 / 1000 and one copy per
-image show the step time growing linearly with the number of synthetic images. Accuracy per wall-clock
+image show the step time growing linearly with the number of synthetic images. Those rows grow the
+synthetic set with M, and with it the set's own memory (parameters and Adam's moments); the
+store-only configuration 10x1x100 grows the copies alone, 50x over the first row's set (end-to-end is
+not run there: it keeps 1000 copies' graph and 1000 real images', ~23 GB like the C = 1000 row). Accuracy per wall-clock
 second is benchmarks/bench_time_to_accuracy.py's subject.
 
 Writes benchmarks/results/bench_distill.{json,md} and bench_distill.png.
@@ -123,7 +126,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=["10x1x2", "10x1x10", "40x1x10", "100x1x8", "100x1x1",
                                                      "300x1x1", "1000x1x1"],
                    help="CxIPCxAUGS configurations, e.g. 10x1x4")
+    p.add_argument("--store-only-configs", nargs="*", default=["10x1x100"],
+                   help="configurations run in the store modes only (default, store+chunk): copies beyond "
+                        "what end-to-end fits in memory")
     p.add_argument("--steps", type=int, default=2, help="measured steps per run (the first is warm-up)")
+    p.add_argument("--memory-repeats", type=int, default=3,
+                   help="runs of the two rows that set the memory growth figure (its median)")
     p.add_argument("--train-per-class", type=int, default=30, help="real images per class (at most 3000 in all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=None, help="where to keep the generated images and stores")
@@ -137,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_distill_"))
     print(f"bench_distill: {machine_line()}\nwork dir {work}", file=sys.stderr)
-    configs = [parse_config(c) for c in args.configs]
-    rows = measure(configs, build_stores(configs, args, work), args)
+    configs = [(parse_config(c), list(MODES)) for c in args.configs]
+    configs += [(parse_config(c), [m for m in MODES if m != "end-to-end"]) for c in args.store_only_configs]
+    rows = measure(configs, build_stores([cfg for cfg, _ in configs], args, work), args)
     md = write_bench(rows, args)
     print("\n".join(md))
     return 0
@@ -160,26 +169,61 @@ def build_stores(configs: list[tuple[int, int, int]], args: argparse.Namespace, 
     return stores
 
 
-def measure(configs: list[tuple[int, int, int]], stores: dict[int, Path], args: argparse.Namespace) -> list[dict]:
-    """Every configuration in every mode, each a measured run in its own child process."""
+def measure(configs: list[tuple[tuple[int, int, int], list[str]]], stores: dict[int, Path],
+            args: argparse.Namespace) -> list[dict]:
+    """Every configuration in each of its modes, each a measured run in its own child process; then the two
+    rows that set the memory growth figure again (`remeasure_growth_ends`)."""
     rows = []
-    for c, ipc, augs in configs:
-        m = c * ipc * augs
-        for mode, opts in MODES.items():
-            config = {"store": str(stores[c]), "backbone": args.backbone, "out": "", "ipc": ipc, "augs": augs,
-                      "steps": args.steps, "param": "pixels",  # a pyramid needs more steps than are timed here
-                      "device": args.device, "quiet": True, "checkpoint_every": 10_000}
-            if "real_source" in opts:
-                config["real_source"] = opts["real_source"]
-            if "chunk" in opts:
-                config["chunk"] = m if opts["chunk"] == "full-graph" else opts["chunk"]
-            if opts.get("real_batch") == "authors":
-                config["real_batch"] = ipc * augs * c
-            print(f"  C={c} ipc={ipc} augs={augs} (M={m}) {mode} ...", file=sys.stderr, flush=True)
-            res = run_measurement(config)
-            rows.append({"C": c, "ipc": ipc, "augs": augs, "M": m, "mode": mode, **res})
-            print(f"    {res}", file=sys.stderr, flush=True)
+    for (c, ipc, augs), modes in configs:
+        for mode in modes:
+            res = measure_one(c, ipc, augs, mode, stores[c], args)
+            rows.append({"C": c, "ipc": ipc, "augs": augs, "M": c * ipc * augs, "mode": mode,
+                         "store_only": "end-to-end" not in modes, **res})
+    remeasure_growth_ends(rows, stores, args)
     return rows
+
+
+def measure_one(c: int, ipc: int, augs: int, mode: str, store: Path, args: argparse.Namespace) -> dict:
+    """One configuration in one mode, in its own child process."""
+    m = c * ipc * augs
+    opts = MODES[mode]
+    config = {"store": str(store), "backbone": args.backbone, "out": "", "ipc": ipc, "augs": augs,
+              "steps": args.steps, "param": "pixels",  # a pyramid needs more steps than are timed here
+              "device": args.device, "quiet": True, "checkpoint_every": 10_000}
+    if "real_source" in opts:
+        config["real_source"] = opts["real_source"]
+    if "chunk" in opts:
+        config["chunk"] = m if opts["chunk"] == "full-graph" else opts["chunk"]
+    if opts.get("real_batch") == "authors":
+        config["real_batch"] = ipc * augs * c
+    print(f"  C={c} ipc={ipc} augs={augs} (M={m}) {mode} ...", file=sys.stderr, flush=True)
+    res = run_measurement(config)
+    print(f"    {res}", file=sys.stderr, flush=True)
+    return res
+
+
+def growth_ends(rows: list[dict]) -> tuple[dict, dict] | None:
+    """The store+chunk rows of the table's smallest and largest M (rows that run every mode; on a tie the
+    larger C): the memory growth figure is the second's peak over the first's."""
+    table = sorted((r for r in rows if r["mode"] == "store+chunk" and not r.get("store_only") and "error" not in r),
+                   key=lambda r: (r["M"], r["C"]))
+    return (table[0], table[-1]) if len(table) >= 2 else None
+
+
+def remeasure_growth_ends(rows: list[dict], stores: dict[int, Path], args: argparse.Namespace) -> None:
+    """A fresh process's peak varies from run to run by a few percent here (the allocator's reuse, the
+    page cache): the two rows of the growth figure run `--memory-repeats` times in all, alternating, and
+    keep every peak in `peak_rss_mb_runs`; the figure is the ratio of the medians."""
+    ends = growth_ends(rows)
+    if ends is None:
+        return
+    for row in ends:
+        row["peak_rss_mb_runs"] = [row["peak_rss_mb"]]
+    for _ in range(args.memory_repeats - 1):
+        for row in ends:
+            res = measure_one(row["C"], row["ipc"], row["augs"], row["mode"], stores[row["C"]], args)
+            if "error" not in res:
+                row["peak_rss_mb_runs"].append(res["peak_rss_mb"])
 
 
 def write_bench(rows: list[dict], args: argparse.Namespace) -> list[str]:
@@ -216,15 +260,22 @@ def summarize(rows: list[dict]) -> dict:
     if ratios:
         out["time e2e/default (min over configurations)"] = min(r["time e2e/default"] for r in ratios)
         out["memory e2e/default (max over configurations)"] = max(r["memory e2e/default"] for r in ratios)
-    chunked = sorted((r for r in ok if r["mode"] == "store+chunk"), key=lambda r: r["M"])
-    if len(chunked) >= 2:
-        first, last = chunked[0], chunked[-1]
-        out["store+chunk memory growth (peak, largest/smallest M)"] = last["peak_rss_mb"] / first["peak_rss_mb"]
+    chunked = sorted((r for r in ok if r["mode"] == "store+chunk"), key=lambda r: (r["M"], r["C"]))
+    ends = growth_ends(rows)
+    if ends is not None:
+        # Over the table's rows that run every mode (as in earlier runs, comparable with them): the largest
+        # M there grows C 100x, and with it the synthetic set's own memory.
+        first, last = ends
+        peak = {id(r): statistics.median(r.get("peak_rss_mb_runs") or [r["peak_rss_mb"]]) for r in ends}
+        out["store+chunk memory growth (peak, largest/smallest M)"] = peak[id(last)] / peak[id(first)]
         out["M growth"] = last["M"] / first["M"]
-        if last.get("above_intrinsic_mb") is not None and first.get("above_intrinsic_mb") is not None:
+        out["store+chunk memory growth, the peaks (MB)"] = {
+            f"{r['C']}x{r['ipc']}x{r['augs']}": {"runs": r.get("peak_rss_mb_runs") or [r["peak_rss_mb"]],
+                                               "median": peak[id(r)]} for r in ends}
+        if last.get("intrinsic_mb") is not None and first.get("intrinsic_mb") is not None:
             # "Flat in copies": the peak without the synthetic set's own memory (which grows with C).
             out["store+chunk memory growth above intrinsic (largest/smallest M)"] = \
-                last["above_intrinsic_mb"] / first["above_intrinsic_mb"]
+                (peak[id(last)] - last["intrinsic_mb"]) / (peak[id(first)] - first["intrinsic_mb"])
         at_fixed_c = {}
         for c in sorted({r["C"] for r in chunked}):
             same = [r for r in chunked if r["C"] == c]
@@ -233,6 +284,11 @@ def summarize(rows: list[dict]) -> dict:
                                       "peak growth": same[-1]["peak_rss_mb"] / same[0]["peak_rss_mb"]}
         if at_fixed_c:
             out["store+chunk memory growth at fixed C (peak, largest/smallest M)"] = at_fixed_c
+            # The goal "flat in copies" read where only the copies grow: the widest range of M at one C.
+            widest = max(at_fixed_c.values(), key=lambda v: v["M"][1] / v["M"][0])
+            out["store+chunk memory growth in copies (fixed C, widest M range)"] = {
+                "C": int(next(c for c, v in at_fixed_c.items() if v is widest)), "M": widest["M"],
+                "M growth": widest["M"][1] / widest["M"][0], "peak growth": widest["peak growth"]}
     linear = sorted((r for r in ok if r["mode"] == "default" and r["ipc"] == 1 and r["augs"] == 1), key=lambda r: r["C"])
     if len(linear) >= 2:
         out["default s/step per synthetic image (augs 1)"] = {str(r["C"]): r["seconds_per_step"] / r["C"] for r in linear}
@@ -246,8 +302,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    series = [(mode, lambda r, mode=mode: r["mode"] == mode and r["augs"] > 1) for mode in MODES]
+    series = [(mode, lambda r, mode=mode: r["mode"] == mode and r["augs"] > 1 and not r.get("store_only"))
+              for mode in MODES]
     series.append(("default, C = 100/300/1000, augs 1", lambda r: r["mode"] == "default" and r["augs"] == 1))
+    series.append(("store+chunk, C = 10: copies only", lambda r: r["mode"] == "store+chunk" and r["C"] == 10))
     for label, keep in series:
         pts = sorted((r["M"], r["peak_rss_mb"], r["seconds_per_step"]) for r in rows if "error" not in r and keep(r))
         if pts:
