@@ -16,8 +16,8 @@ Final points: the authors' evaluation protocol, 5 probe seeds, the whole test sp
 reference's accuracy is the distillation time of the smallest budget whose final accuracy reaches it;
 ratio = the reference's time / that (goal >= 10x); `summary.time_to_accuracy_ratio` is the minimum over the
 references. Times are distillation steps only (setup, the store's one-off build and probes excluded; the
-build is timed in bench_build). Curves: a cheap probe every `--eval-every` steps (1 seed, 10 views,
-300 epochs; its time excluded).
+build is timed in bench_build). Curves: a cheap probe every `--eval-every` steps (engine.probe.QUICK_PROBE:
+1 seed, 10 views, 1000 epochs since 2026-12-07, 300 before; its time excluded).
 
     python -m benchmarks.bench_time_to_accuracy            # ~1.5 h on 2 CPU cores
     python -m benchmarks.bench_time_to_accuracy --authors-steps --budgets 25 50 100   # no authors' run

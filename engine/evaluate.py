@@ -39,7 +39,7 @@ from engine.distill.outdir import CONFIG_FILE, IMAGES_DIR
 from engine.eval_results import (  # noqa: F401 (re-exported: engine.evaluate is the evaluation's entry point)
     FULL_ROW, UNSEEN_COLUMN, CellResult, EvalResult, check_eval_out, write_eval_outputs)
 from engine.imagesets import EVAL_AUGMENT, RUN_MARKERS, embed_views, read_image_set, resolve_image_dir
-from engine.probe import MAX_BATCH, ProbeRecipe, probes_accuracy, train_probes
+from engine.probe import MAX_BATCH, QUICK_RECIPE, QUICK_VIEWS, ProbeRecipe, probes_accuracy, train_probes
 from featurestore.augment import resize
 from featurestore.backbones import Backbone
 from featurestore.errors import UserError
@@ -148,12 +148,6 @@ class EvalConfig:
     quiet: bool = option(False, "No progress bars.", flag="--quiet")
 
 
-# `engine distill --eval-every K`: an estimate of the probe accuracy during a run, cheap enough to repeat
-# (one seed, 10 cached views, 300 epochs instead of 5 seeds, 100 views, 1000 epochs).
-QUICK_RECIPE = ProbeRecipe(epochs=300)
-QUICK_VIEWS = 10
-
-
 def quick_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor,
                 val_labels: torch.Tensor, num_classes: int, seed: int = 0) -> float:
     """Top-1 (%) on the val features of a probe trained on `images` (at the backbone's resize size) with
@@ -165,7 +159,7 @@ def quick_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, 
 
 
 # `engine distill --lr-schedule plateau`: the fit of the current images to the real data, read every 50 steps.
-# The protocol's 1000 epochs (the quick recipe's 300 leave the head near its init: on Fashion-MNIST it scores
+# The protocol's 1000 epochs (300 leave the head near its init: on Fashion-MNIST it scores
 # 60-66 % where the protocol's probe scores 72-75 %, benchmarks/results/diag_fit_curve.md), 3 seeds
 # averaged, on at most 100 cached views in all (10 per image for 10 images, 1 from 100 images up).
 FIT_SEEDS = (0, 1, 2)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.probe import QUICK_PROBE
 from featurestore.runtime import atomic_write_bytes, atomic_write_path
 
 # A page of the grid shows at most this many classes (each with at most GRID_MAX_PER_CLASS images): 100
@@ -161,7 +162,7 @@ def save_loss_plot(path: str | os.PathLike, metrics: Sequence[dict[str, Any]], t
         ax.plot([s for s, _ in quick_probes], [p for _, p in quick_probes], marker="o", color="tab:green")
         ax.set_xlabel("step")
         ax.set_ylabel("probe top-1 (%)")
-        ax.set_title("cheap probe on the store's val features (1 seed, 10 views, 300 epochs)", fontsize=9)
+        ax.set_title(f"cheap probe on the store's val features ({QUICK_PROBE})", fontsize=9)
         ax.grid(alpha=0.3)
     try:
         atomic_write_bytes(path, _figure_bytes(fig))

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.objectives import OBJECTIVE_NAMES, OBJECTIVES, objective_config
+from engine.probe import QUICK_PROBE
 from featurestore.errors import UserError
 from featurestore.options import option
 
@@ -87,7 +88,7 @@ class DistillConfig:
                                      "Quality: pixel statistics.")
     checkpoint_every: int = option(100, "Steps between checkpoints.")
     eval_every: int = option(0, "Every K steps, a cheap probe of the current set on the store's val features "
-                                "(1 seed, 10 views, 300 epochs: an estimate, not the full protocol); 0: off.")
+                                f"({QUICK_PROBE}: an estimate, not the full protocol); 0: off.")
     resume: bool = option(False, "Continue the run in --out from its checkpoint.", flag="--resume")
     seed: int = option(0, "Seeds init, heads, augmentation and real batches.")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")

@@ -12,6 +12,7 @@ import torch
 from engine.distill.backprop import SyntheticSide
 from engine.distill.config import DistillConfig, DistillError
 from engine.distill.feature_space import FeatureMap, feature_map
+from engine.probe import QUICK_PROBE
 from engine.real import ImageRealSource, RealSource, StoreRealSource
 from featurestore.augment import AugmentConfig
 from featurestore.distributed import DistContext
@@ -82,7 +83,7 @@ def make_members(cfg: DistillConfig, ctx: DistContext, splits: list[Any],
     return members
 
 
-QUICK_PROBE_NOTE = ("--eval-every: 1 seed, 10 cached views, 300 epochs, tested on the store's val features: a cheap "
+QUICK_PROBE_NOTE = (f"--eval-every: {QUICK_PROBE}, tested on the store's val features: a cheap "
                     "estimate; `engine eval` runs the full protocol")
 
 
