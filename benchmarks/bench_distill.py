@@ -203,11 +203,17 @@ def measure_one(c: int, ipc: int, augs: int, mode: str, store: Path, args: argpa
 
 
 def growth_ends(rows: list[dict]) -> tuple[dict, dict] | None:
-    """The store+chunk rows of the table's smallest and largest M (rows that run every mode; on a tie the
-    larger C): the memory growth figure is the second's peak over the first's."""
+    """The store+chunk rows that set the memory growth figure, among the rows that run every mode: sorted by
+    (M, C), the first (smallest M; on a tie the smaller C) and the last (largest M; on a tie the larger C).
+    The figure is the last's peak over the first's."""
     table = sorted((r for r in rows if r["mode"] == "store+chunk" and not r.get("store_only") and "error" not in r),
                    key=lambda r: (r["M"], r["C"]))
     return (table[0], table[-1]) if len(table) >= 2 else None
+
+
+def peak_of(row: dict) -> float:
+    """A row's peak: the median of its runs where it was measured several times (`remeasure_growth_ends`)."""
+    return statistics.median(row.get("peak_rss_mb_runs") or [row["peak_rss_mb"]])
 
 
 def remeasure_growth_ends(rows: list[dict], stores: dict[int, Path], args: argparse.Namespace) -> None:
@@ -266,29 +272,29 @@ def summarize(rows: list[dict]) -> dict:
         # Over the table's rows that run every mode (as in earlier runs, comparable with them): the largest
         # M there grows C 100x, and with it the synthetic set's own memory.
         first, last = ends
-        peak = {id(r): statistics.median(r.get("peak_rss_mb_runs") or [r["peak_rss_mb"]]) for r in ends}
-        out["store+chunk memory growth (peak, largest/smallest M)"] = peak[id(last)] / peak[id(first)]
+        out["store+chunk memory growth (peak, largest/smallest M, rows run in every mode)"] = \
+            peak_of(last) / peak_of(first)
         out["M growth"] = last["M"] / first["M"]
         out["store+chunk memory growth, the peaks (MB)"] = {
             f"{r['C']}x{r['ipc']}x{r['augs']}": {"runs": r.get("peak_rss_mb_runs") or [r["peak_rss_mb"]],
-                                               "median": peak[id(r)]} for r in ends}
+                                               "median": peak_of(r)} for r in ends}
         if last.get("intrinsic_mb") is not None and first.get("intrinsic_mb") is not None:
-            # "Flat in copies": the peak without the synthetic set's own memory (which grows with C).
-            out["store+chunk memory growth above intrinsic (largest/smallest M)"] = \
-                (peak[id(last)] - last["intrinsic_mb"]) / (peak[id(first)] - first["intrinsic_mb"])
-        at_fixed_c = {}
-        for c in sorted({r["C"] for r in chunked}):
-            same = [r for r in chunked if r["C"] == c]
-            if len(same) >= 2:  # same C, several M: the synthetic set is the same, only the copies grow
-                at_fixed_c[str(c)] = {"M": [same[0]["M"], same[-1]["M"]],
-                                      "peak growth": same[-1]["peak_rss_mb"] / same[0]["peak_rss_mb"]}
-        if at_fixed_c:
-            out["store+chunk memory growth at fixed C (peak, largest/smallest M)"] = at_fixed_c
-            # The goal "flat in copies" read where only the copies grow: the widest range of M at one C.
-            widest = max(at_fixed_c.values(), key=lambda v: v["M"][1] / v["M"][0])
-            out["store+chunk memory growth in copies (fixed C, widest M range)"] = {
-                "C": int(next(c for c, v in at_fixed_c.items() if v is widest)), "M": widest["M"],
-                "M growth": widest["M"][1] / widest["M"][0], "peak growth": widest["peak growth"]}
+            # The peak without the synthetic set's own memory (which grows with C).
+            out["store+chunk memory growth above intrinsic (largest/smallest M, rows run in every mode)"] = \
+                (peak_of(last) - last["intrinsic_mb"]) / (peak_of(first) - first["intrinsic_mb"])
+    at_fixed_set = {}
+    for c, ipc in sorted({(r["C"], r["ipc"]) for r in chunked}):
+        same = [r for r in chunked if (r["C"], r["ipc"]) == (c, ipc)]
+        if len(same) >= 2:  # the same synthetic set (C x ipc images), several M: only the copies grow
+            at_fixed_set[f"{c}x{ipc}"] = {"M": [same[0]["M"], same[-1]["M"]],
+                                         "peak growth": peak_of(same[-1]) / peak_of(same[0])}
+    if at_fixed_set:
+        out["store+chunk memory growth at a fixed set (C x ipc; peak, largest/smallest M)"] = at_fixed_set
+        # "Flat in copies" read where only the copies grow: the widest range of M for one set.
+        name, widest = max(at_fixed_set.items(), key=lambda kv: kv[1]["M"][1] / kv[1]["M"][0])
+        out["store+chunk memory growth in copies (fixed set, widest M range)"] = {
+            "set": name, "M": widest["M"], "M growth": widest["M"][1] / widest["M"][0],
+            "peak growth": widest["peak growth"]}
     linear = sorted((r for r in ok if r["mode"] == "default" and r["ipc"] == 1 and r["augs"] == 1), key=lambda r: r["C"])
     if len(linear) >= 2:
         out["default s/step per synthetic image (augs 1)"] = {str(r["C"]): r["seconds_per_step"] / r["C"] for r in linear}

@@ -160,7 +160,7 @@ def quick_probe(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, 
 
 # `engine distill --lr-schedule plateau`: the fit of the current images to the real data, read every 50 steps.
 # The protocol's 1000 epochs (300 leave the head near its init: on Fashion-MNIST it scores
-# 60-66 % where the protocol's probe scores 72-75 %, benchmarks/results/diag_fit_curve.md), 3 seeds
+# 60-66 % where the protocol's probe scores 72-75 %, benchmarks/results/diag_fit_curve.md as of e1eb29f), 3 seeds
 # averaged, on at most 100 cached views in all (10 per image for 10 images, 1 from 100 images up).
 FIT_SEEDS = (0, 1, 2)
 FIT_MAX_VIEWS = 100

@@ -141,7 +141,7 @@ def step(run: Run, index: int, stop_requested: list[bool]) -> tuple[float, list[
     reals = [member.real.sample(generators["real"]) for member in run.members]
     augmentations = run.members[0].side.draw(synthetic.n, generators["augment"])
     run.optimizer.zero_grad(set_to_none=True)
-    into_adam = updates_image_by_image(len(run.members), run.ctx.is_distributed, run.pixel_stats is not None)
+    into_adam = updates_image_by_image(len(run.members), run.ctx.is_distributed, bool(run.cfg.pixel_prior))
     pending = None
     losses = []
     for member, (real_features, real_labels) in zip(run.members, reals):

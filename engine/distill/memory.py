@@ -11,6 +11,7 @@ from engine.distill.adam import updates_image_by_image
 from engine.distill.config import DistillConfig, DistillError
 from featurestore.runtime import free_memory
 
+
 def bytes_per_synthetic_value(holds_gradient: bool) -> float:
     """Bytes per synthetic pixel value while optimizing: the parameters (a pyramid holds ~4/3 of the pixels)
     and Adam's two moments, float32, plus their gradient when a step holds one (several backbones, ranks or
@@ -47,7 +48,6 @@ def check_memory(cfg: DistillConfig, num_classes: int, resolution: int, device: 
                            f"copies per step need about {copies_need / 2**30:.1f} GiB for their features and "
                            f"augmentation parameters (besides {need / 2**30:.1f} GiB for the images), and {where} "
                            f"has {have / 2**30:.1f} GiB free: lower --augs (or --ipc)")
-
 
 
 def reset_peak_memory(device: torch.device) -> bool:
