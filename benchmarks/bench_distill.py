@@ -211,9 +211,14 @@ def growth_ends(rows: list[dict]) -> tuple[dict, dict] | None:
     return (table[0], table[-1]) if len(table) >= 2 else None
 
 
+def peaks_of(row: dict) -> list[float]:
+    """Every peak measured for a row: several where it ran again (`remeasure_growth_ends`), else one."""
+    return row.get("peak_rss_mb_runs") or [row["peak_rss_mb"]]
+
+
 def peak_of(row: dict) -> float:
-    """A row's peak: the median of its runs where it was measured several times (`remeasure_growth_ends`)."""
-    return statistics.median(row.get("peak_rss_mb_runs") or [row["peak_rss_mb"]])
+    """A row's peak: the median of its runs."""
+    return statistics.median(peaks_of(row))
 
 
 def remeasure_growth_ends(rows: list[dict], stores: dict[int, Path], args: argparse.Namespace) -> None:
@@ -276,8 +281,7 @@ def summarize(rows: list[dict]) -> dict:
             peak_of(last) / peak_of(first)
         out["M growth"] = last["M"] / first["M"]
         out["store+chunk memory growth, the peaks (MB)"] = {
-            f"{r['C']}x{r['ipc']}x{r['augs']}": {"runs": r.get("peak_rss_mb_runs") or [r["peak_rss_mb"]],
-                                               "median": peak_of(r)} for r in ends}
+            f"{r['C']}x{r['ipc']}x{r['augs']}": {"runs": peaks_of(r), "median": peak_of(r)} for r in ends}
         if last.get("intrinsic_mb") is not None and first.get("intrinsic_mb") is not None:
             # The peak without the synthetic set's own memory (which grows with C).
             out["store+chunk memory growth above intrinsic (largest/smallest M, rows run in every mode)"] = \
@@ -311,7 +315,10 @@ def plot(rows: list[dict], path: Path) -> None:
     series = [(mode, lambda r, mode=mode: r["mode"] == mode and r["augs"] > 1 and not r.get("store_only"))
               for mode in MODES]
     series.append(("default, C = 100/300/1000, augs 1", lambda r: r["mode"] == "default" and r["augs"] == 1))
-    series.append(("store+chunk, C = 10: copies only", lambda r: r["mode"] == "store+chunk" and r["C"] == 10))
+    # Each store-only configuration's set (C x ipc) in store+chunk mode over all its M: the copies alone grow.
+    for c, ipc in sorted({(r["C"], r["ipc"]) for r in rows if r.get("store_only")}):
+        series.append((f"store+chunk, {c}x{ipc} images: copies only",
+                       lambda r, c=c, ipc=ipc: r["mode"] == "store+chunk" and (r["C"], r["ipc"]) == (c, ipc)))
     for label, keep in series:
         pts = sorted((r["M"], r["peak_rss_mb"], r["seconds_per_step"]) for r in rows if "error" not in r and keep(r))
         if pts:

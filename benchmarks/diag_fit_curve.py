@@ -58,26 +58,23 @@ def snapshots(diag: Diag) -> dict[int, Path]:
     return paths
 
 
-def measure(diag: Diag, step: int, path: Path, cache: dict[str, Any]) -> dict[str, Any]:
+def measure(diag: Diag, step: int, path: Path, cache: dict[str, Any], store, train, model) -> dict[str, Any]:
     """The snapshot's row: the fit and the protocol cached by step; the quick probe (a few seconds) measured
-    every time, so that it is always the current recipe's."""
-    import torch
+    every time, so that it is always the current recipe's. `store`, `train`, `model`: the train store,
+    efficientnet-lite0's stored train features and the backbone, opened once by the caller."""
     from safetensors.torch import load_file
 
     from engine.evaluate import quick_probe, set_fit
-    from featurestore.store import open_store
 
     key = str(step)
     diag.log(f"measure step {step}")
     tensors = load_file(path)
     images, labels = tensors["images"], tensors["labels"]
-    split = open_store(str(diag.train_store)).split(EFFNET, "train")
-    train, model = split.load(view=0), split.open_backbone(torch.device("cpu"))
     if key not in cache:
         loss, top1 = set_fit(model, images, labels, train.features, train.labels, 10)
         row: dict[str, Any] = {"step": step, "fit loss": round(loss, 4), "fit top-1": round(top1, 2)}
         if step % FULL_EVERY == 0:
-            row.update(protocol_top1(diag, path, images, labels, open_store(str(diag.train_store)).class_names))
+            row.update(protocol_top1(diag, path, images, labels, store.class_names))
         cache[key] = row
     quick = quick_probe(model, images, labels, train.features, train.labels, 10)
     return {**cache[key], "quick top-1": round(quick, 2)}
@@ -107,9 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     diag.build_stores()
     cache_path = args.work / "fit-curve-cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    import torch
+
+    from featurestore.store import open_store
+
+    store = open_store(str(diag.train_store))
+    split = store.split(EFFNET, "train")
+    train, model = split.load(view=0), split.open_backbone(torch.device("cpu"))
     rows = []
     for step, path in snapshots(diag).items():
-        rows.append(measure(diag, step, path, cache))
+        rows.append(measure(diag, step, path, cache, store, train, model))
         atomic_write_json(cache_path, cache)
     start = {"step": 0, **diag.evaluate("centroid-effnet", diag.baseline("centroid", EFFNET))}
     text = (f"Fashion-MNIST, {TRAIN_PER_CLASS} train images per class, {IMAGE_SIZE} px, ipc 1, --augs {AUGS}; "

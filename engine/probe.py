@@ -42,9 +42,9 @@ class ProbeRecipe:
 
 # `engine distill --eval-every K`: an estimate of the probe accuracy during a run, cheap enough to repeat:
 # one seed and 10 cached views instead of 5 seeds and 100, the protocol's recipe otherwise. (300 epochs
-# until 2026-12-07: they left the head near its init, reading 7.6-12.8 points below the fit's
-# probe on Fashion-MNIST: benchmarks/results/diag_fit_curve.md as of e1eb29f, README "Quality"; training the head is a small part of the probe's
-# time beside embedding the views.)
+# until 2026-12-07 left the head near its init, reading 7.6-12.8 points below the fit's probe on
+# Fashion-MNIST: benchmarks/results/diag_fit_curve.md as of e1eb29f, README "Quality". Training the head
+# is a small part of the probe's time beside embedding the views.)
 QUICK_RECIPE = ProbeRecipe()
 QUICK_VIEWS = 10
 QUICK_PROBE = f"1 seed, {QUICK_VIEWS} views, {QUICK_RECIPE.epochs} epochs"
